@@ -1,0 +1,103 @@
+# jpeglm: one command per job. `make setup` is implied by every target that runs code.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= constraints/cpu.txt
+PILLOW_SIMD ?= pillow-simd==12.1.1.post0
+WHEELHOUSE := .cache/wheelhouse
+BIN := $(VENV)/bin
+# pillow-simd's AVX2 resize paths roughly double resize speed; use them where the CPU has AVX2.
+SIMD_CC := $(shell grep -q avx2 /proc/cpuinfo 2>/dev/null && echo "cc -mavx2" || echo "cc")
+
+# Shared by every target: JIT-compiled DeepSpeed ops survive across runs; Ray and DeepSpeed stay quiet and offline.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export RAY_USAGE_STATS_ENABLED ?= 0
+export DS_ACCELERATOR ?= cpu
+export PYTHONUNBUFFERED := 1
+
+SAMPLE_DIR ?= data/sample-images
+SAMPLE_NUM ?= 2000
+PREPROCESS_OUT ?= out/preprocess
+TRAIN_RUN ?= out/train-tiny
+NPROC ?= 2
+
+.PHONY: help setup test test-fast preprocess train sample bench bench-codec bench-preprocess bench-train bench-sample \
+        inspect cluster-preprocess cluster-preprocess-dry-run cluster-train cluster-train-dry-run clean distclean
+
+help:
+	@echo "make preprocess   images -> canonical JPEG -> BPE -> packed WebDataset shards (bundled sample, local Ray)"
+	@echo "make test         install everything into .venv (first run: ~3 min) and run the test suite"
+	@echo "make setup        install only (idempotent; instant when pyproject/constraints are unchanged)"
+	@echo "make train        train the tiny preset on CPU on the output of make preprocess (2 processes, ZeRO-3)"
+	@echo "make sample       sample images from the tiny run"
+	@echo "make bench        benchmarks -> bench/results/*.json"
+	@echo "make cluster-preprocess[-dry-run] / cluster-train[-dry-run]   render and submit the infra/ manifests"
+
+setup: $(VENV)/.installed
+
+$(WHEELHOUSE)/.pillow-simd:
+	@mkdir -p $(WHEELHOUSE)
+	@echo ">> building $(PILLOW_SIMD) from source (CC='$(SIMD_CC)') into $(WHEELHOUSE)"
+	@test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)
+	CC="$(SIMD_CC)" $(BIN)/pip wheel --quiet --no-deps --no-cache-dir --no-binary pillow-simd -w $(WHEELHOUSE) "$(PILLOW_SIMD)" 2>&1 \
+	    | { grep -v "is ignored: it is neither a file nor a directory" || true; }; test $${PIPESTATUS[0]} -eq 0
+	@touch $@
+
+# One resolver run for everything (s3fs/aiobotocore/botocore pins break if installed piecemeal), then pip check.
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) $(WHEELHOUSE)/.pillow-simd
+	@test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -c $(CONSTRAINTS) --find-links $(WHEELHOUSE) -e ".[test]" 2>&1 \
+	    | { grep -v "is ignored: it is neither a file nor a directory" || true; }; test $${PIPESTATUS[0]} -eq 0
+	$(BIN)/pip check
+	@# Plain Pillow would silently overwrite pillow-simd's PIL/ (and uninstalling it deletes PIL/ entirely).
+	@if $(BIN)/pip show --quiet pillow 2>/dev/null; then \
+	    echo "ERROR: a dependency pulled in plain 'pillow', which replaces pillow-simd. Find it with:"; \
+	    echo "  grep -il '^Requires-Dist: pillow' $(VENV)/lib/python*/site-packages/*.dist-info/METADATA"; exit 1; fi
+	@touch $@
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+$(SAMPLE_DIR)/.done: | setup
+	$(BIN)/python -m pipeline.sample_images --out $(SAMPLE_DIR) --num $(SAMPLE_NUM)
+	@touch $@
+
+preprocess: setup $(SAMPLE_DIR)/.done
+	$(BIN)/jpeglm preprocess --input $(SAMPLE_DIR) --output $(PREPROCESS_OUT) --bpe-sample 1000 \
+	    --shard-size 4MB --val-fraction 0.05 $(PREPROCESS_ARGS)
+
+inspect: setup
+	$(BIN)/jpeglm inspect $(PREPROCESS_OUT)
+
+train: setup
+	@test -f $(PREPROCESS_OUT)/manifest.json || $(MAKE) preprocess
+	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m trainer.train --config tiny \
+	    --data $(PREPROCESS_OUT) --run-dir $(TRAIN_RUN) --resume auto $(TRAIN_ARGS)
+
+sample: setup
+	$(BIN)/jpeglm sample --checkpoint $(TRAIN_RUN) --out $(TRAIN_RUN)/samples --num 8 $(SAMPLE_ARGS)
+
+bench: bench-codec bench-preprocess bench-train bench-sample
+
+bench-codec: setup
+	$(BIN)/python bench/bench_codec.py --out bench/results/codec.json
+
+bench-preprocess: setup
+	$(BIN)/python bench/bench_preprocess.py --out bench/results/preprocess.json
+
+bench-train: setup
+	$(BIN)/python bench/bench_train.py --out bench/results/train.json
+
+bench-sample: setup
+	$(BIN)/python bench/bench_sample.py --out bench/results/sample.json
+
+cluster-preprocess-dry-run cluster-preprocess cluster-train-dry-run cluster-train:
+	$(MAKE) -C infra $@
+
+clean:
+	rm -rf out .pytest_cache bench/results/*.json
+distclean: clean
+	rm -rf $(VENV) .cache data

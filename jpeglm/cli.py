@@ -1,0 +1,54 @@
+"""The `jpeglm` command: a thin dispatcher over subcommand modules.
+
+Each subcommand lives in its own module exposing `configure_parser(parser)` and `run(args) -> int`.
+Only the chosen subcommand's module is imported, so `jpeglm --help` stays instant and
+`jpeglm preprocess` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order `jpeglm --help` lists them.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "preprocess": ("pipeline.preprocess", "images -> canonical JPEG -> BPE tokens -> packed WebDataset shards (Ray)"),
+    "inspect": ("pipeline.inspect", "summarize a preprocess output; dump an image back from the shards"),
+    "train": ("trainer.train", "train the Llama decoder with DeepSpeed ZeRO-3 on preprocessed shards"),
+    "export": ("trainer.export", "consolidate a checkpoint into safetensors (native or Hugging Face Llama format)"),
+    "sample": ("trainer.sample", "generate or complete images with a trained checkpoint"),
+}
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jpeglm",
+        description="JPEG-LM: generate images by predicting the bytes of their JPEG files.",
+    )
+    from jpeglm import __version__
+
+    parser.add_argument("--version", action="version", version=f"jpeglm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == selected:
+            module = importlib.import_module(module_name)
+            module.configure_parser(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected if selected in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Local paths and s3:// URIs behind one small API (fsspec / s3fs).
+
+S3 endpoint and credentials come from the usual AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, or an instance role), so any S3-compatible store works.
+
+Atomicity: `write_bytes` and `atomic_writer` make an object visible under its final name only when complete.
+Locally that is a temporary sibling + os.replace; on S3 a PutObject or a multipart upload only becomes visible
+when it completes, so writing the final key directly is already atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+import uuid
+from typing import IO, Callable, Iterator, TypeVar
+
+import fsspec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it). For S3 the path is 'bucket/key'."""
+    if uri.startswith("s3://"):
+        return _s3(), uri[len("s3://") :]
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+_S3_FS = None
+
+
+def _s3():
+    # One instance per process; s3fs reads AWS_ENDPOINT_URL and the usual credential chain itself.
+    global _S3_FS
+    if _S3_FS is None:
+        import s3fs
+
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        kwargs = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+        # No listings cache: resume logic must see objects other processes wrote a moment ago.
+        _S3_FS = s3fs.S3FileSystem(use_listings_cache=False, **kwargs)
+    return _S3_FS
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for p in parts:
+        out += "/" + p.strip("/")
+    return out
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 0.5) -> T:
+    """Call fn, retrying transient I/O errors with jittered exponential backoff.
+
+    FileNotFoundError, PermissionError and ValueError are not transient and propagate at once.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, ValueError):
+            raise
+        except OSError as e:  # botocore/aiohttp errors surface as OSError subclasses through s3fs
+            if attempt == attempts - 1:
+                raise
+            delay = base_delay * (2**attempt) * (0.5 + random.random())
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e, attempt + 1, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return retry(lambda: fs.exists(path), f"exists {uri}")
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return retry(lambda: fs.cat_file(path), f"read {uri}")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object atomically (see module docstring)."""
+
+    def _write():
+        with atomic_writer(uri) as f:
+            f.write(data)
+
+    retry(_write, f"write {uri}")
+
+
+@contextlib.contextmanager
+def atomic_writer(uri: str) -> Iterator[IO[bytes]]:
+    """A binary file handle whose content appears at `uri` only if the block exits without error."""
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        f = fs.open(path, "wb")
+        try:
+            yield f
+        except BaseException:
+            # Abort the multipart upload so nothing (not even a partial object) becomes visible.
+            with contextlib.suppress(Exception):
+                f.discard() if hasattr(f, "discard") else None
+            raise
+        f.close()
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def open_read(uri: str) -> IO[bytes]:
+    fs, path = filesystem(uri)
+    return retry(lambda: fs.open(path, "rb"), f"open {uri}")
+
+
+def listdir(uri: str) -> list[str]:
+    """Names (not URIs) directly under a folder/prefix, sorted; [] if it does not exist."""
+    fs, path = filesystem(uri)
+    if not retry(lambda: fs.exists(path), f"exists {uri}"):
+        return []
+    entries = retry(lambda: fs.ls(path, detail=False), f"list {uri}")
+    return sorted(os.path.basename(e.rstrip("/")) for e in entries)
+
+
+def walk_files(uri: str) -> Iterator[str]:
+    """Every file below a folder/prefix as a full URI, in sorted order, streamed directory by directory
+    (never the whole listing in memory at once for local trees; S3 prefixes are paged by s3fs)."""
+    fs, path = filesystem(uri)
+    prefix = "s3://" if uri.startswith("s3://") else ""
+    for root, dirs, files in fs.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield prefix + join(root, name)
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    fs, path = filesystem(uri)
+    if retry(lambda: fs.exists(path), f"exists {uri}"):
+        retry(lambda: fs.rm(path, recursive=recursive), f"remove {uri}")
+
+
+def register_webdataset_s3() -> None:
+    """Let plain `webdataset.WebDataset("s3://...")` open S3 URLs through fsspec (webdataset 1.0 has no s3:)."""
+    import webdataset.gopen as gopen
+
+    def _gopen_s3(url, mode="rb", bufsize=8192, **kw):
+        return open_read(url)
+
+    gopen.gopen_schemes.setdefault("s3", _gopen_s3)

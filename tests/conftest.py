@@ -1,0 +1,73 @@
+"""Shared fixtures: quiet Ray/DeepSpeed, a real S3 API (moto server on 127.0.0.1), bundled real photos."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "torch_extensions"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 for the whole session; AWS_* env points every client (s3fs, boto3,
+    subprocesses, Ray workers started afterwards) at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh, empty bucket; yields its s3:// URI."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def photo_names():
+    from pipeline.sample_images import photo_names as names
+
+    return names()
+
+
+@pytest.fixture(scope="session")
+def sample_image_dir(tmp_path_factory):
+    """60 derived web-like real photos (JPEG/PNG/WebP, 0.1-1 MP), shared read-only by the session."""
+    from pipeline.sample_images import write_sample_images
+
+    d = tmp_path_factory.mktemp("sample-images")
+    write_sample_images(str(d), 60)
+    return d

@@ -1,0 +1,1 @@
+"""Trainer: the Llama decoder (model.py), DeepSpeed ZeRO-3 training, checkpoints, export and sampling."""
