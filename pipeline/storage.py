@@ -109,7 +109,8 @@ def atomic_writer(uri: str) -> Iterator[IO[bytes]]:
         except BaseException:
             # Abort the multipart upload so nothing (not even a partial object) becomes visible.
             with contextlib.suppress(Exception):
-                f.discard() if hasattr(f, "discard") else None
+                f.discard()
+            f.closed = True  # discard() leaves the handle open; close() at GC would then fail in s3fs
             raise
         f.close()
         return
@@ -142,8 +143,9 @@ def listdir(uri: str) -> list[str]:
 
 
 def walk_files(uri: str) -> Iterator[str]:
-    """Every file below a folder/prefix as a full URI, in sorted order, streamed directory by directory
-    (never the whole listing in memory at once for local trees; S3 prefixes are paged by s3fs)."""
+    """Every file below a folder/prefix as a full URI, streamed directory by directory, top-down: a folder's
+    files (sorted) before its subfolders (sorted). Deterministic; never the whole tree in memory for local trees.
+    Names starting with "." (temporaries, markers) are skipped."""
     fs, path = filesystem(uri)
     prefix = "s3://" if uri.startswith("s3://") else ""
     for root, dirs, files in fs.walk(path):
@@ -161,9 +163,10 @@ def remove(uri: str, recursive: bool = False) -> None:
 
 def register_webdataset_s3() -> None:
     """Let plain `webdataset.WebDataset("s3://...")` open S3 URLs through fsspec (webdataset 1.0 has no s3:)."""
-    import webdataset.gopen as gopen
+    # `import webdataset.gopen` would give the gopen *function* (webdataset/__init__ re-exports it).
+    from webdataset.gopen import gopen_schemes
 
     def _gopen_s3(url, mode="rb", bufsize=8192, **kw):
         return open_read(url)
 
-    gopen.gopen_schemes.setdefault("s3", _gopen_s3)
+    gopen_schemes.setdefault("s3", _gopen_s3)

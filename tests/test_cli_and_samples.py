@@ -1,0 +1,68 @@
+"""The `jpeglm` dispatcher and the bundled sample dataset."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from jpeglm import cli
+from pipeline import sample_images
+
+
+def test_help_lists_every_subcommand_without_importing_heavy_modules():
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from jpeglm.cli import main; main(['--help'])\n"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    for name in cli.SUBCOMMANDS:
+        assert name in out.stdout
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from jpeglm.cli import build_parser; build_parser(None);"
+         "print(sorted(m for m in ('torch', 'ray', 'deepspeed') if m in sys.modules))"],
+        capture_output=True, text=True,
+    )
+    assert probe.stdout.strip() == "[]", probe.stderr
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert cli.main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_unknown_command_is_rejected():
+    with pytest.raises(SystemExit) as e:
+        cli.main(["frobnicate"])
+    assert e.value.code == 2
+
+
+def test_bundled_photos_are_real_and_licensed():
+    names = sample_images.photo_names()
+    assert len(names) >= 6
+    from importlib import resources
+
+    licences = resources.files("pipeline").joinpath("photos", "LICENSES.md").read_text()
+    for name in names:
+        assert name in licences, f"{name} has no licence line"
+
+
+def test_derived_images_are_deterministic_and_varied():
+    import io
+
+    from PIL import Image
+
+    first = list(sample_images.derive(40))
+    again = list(sample_images.derive(40))
+    assert first == again
+    assert len({data for _, data in first}) == 40
+    sizes = []
+    for name, data in first:
+        im = Image.open(io.BytesIO(data))
+        assert im.format == ("JPEG" if name.endswith(".jpg") else "PNG")
+        sizes.append(im.size[0] * im.size[1])
+    assert min(sizes) < 250_000 and max(sizes) > 350_000
+    assert {name.rsplit(".", 1)[1] for name, _ in first} == {"jpg", "png"}
+    other_seed = [data for _, data in sample_images.derive(5, seed=1)]
+    assert other_seed != [data for _, data in first[:5]]
