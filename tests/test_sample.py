@@ -1,0 +1,144 @@
+"""Sampling: KV-cache decoding, stop rules, sampling filters, and the `jpeglm sample` command end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.model import ModelConfig, Transformer
+from trainer.sample import EOIDetector, GenerationStats, SamplingParams, generate, next_tokens
+
+pytestmark = pytest.mark.timeout(300)
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def _random_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    # A larger init std than training uses gives peaked logits, so greedy choices are not float near-ties.
+    cfg = ModelConfig(**{**dict(vocab_size=320, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                                max_seq_len=128, init_std=0.1), **overrides})
+    return Transformer(cfg).eval()
+
+
+def _prompts(n: int, length: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 320, (length - 1,), generator=g).tolist() for _ in range(n)]
+
+
+@torch.no_grad()
+def _greedy_reference(model: Transformer, prompt: list[int], n: int, eos_id: int | None = None) -> list[int]:
+    """Greedy decoding by full recomputation, written independently of trainer.sample."""
+    seq = list(prompt)
+    for _ in range(n):
+        t = int(model(torch.tensor([seq]))[0, -1].argmax())
+        seq.append(t)
+        if t == eos_id:
+            break
+    return seq[len(prompt):]
+
+
+def test_kv_cache_greedy_equals_recomputation():
+    model = _random_model()
+    prompts = _prompts(3, 7)
+    cached = generate(model, prompts, 60, GREEDY)
+    recomputed = generate(model, prompts, 60, GREEDY, use_cache=False)
+    for i, p in enumerate(prompts):
+        ref = _greedy_reference(model, p, 60)
+        assert cached[i].tokens == ref, f"row {i}: KV-cache decoding diverged from recomputation"
+        assert recomputed[i].tokens == ref
+        assert cached[i].stop == "max_tokens" and len(ref) == 60
+    # Different prompts give different continuations, so the rows really are independent sequences.
+    assert len({tuple(g.tokens) for g in cached}) == 3
+
+
+def test_finished_rows_leave_the_batch_without_disturbing_others():
+    model = _random_model(seed=2)
+    prompts = _prompts(4, 5, seed=3)
+    solo = [_greedy_reference(model, p, 50) for p in prompts]
+    # An EOS id that row 1 emits early makes row 1 stop while (some of) the others go on.
+    k = next(k for k in range(2, 50) if solo[1][k] not in solo[1][:k])
+    eos = solo[1][k]
+    expected = [_greedy_reference(model, p, 50, eos_id=eos) for p in prompts]
+    assert len(expected[1]) == k + 1 and max(len(e) for e in expected) > k + 10
+    stats = GenerationStats()
+    gens = generate(model, prompts, 50, GREEDY, eos_id=eos, stats=stats)
+    for g, e in zip(gens, expected):
+        assert g.tokens == e
+        assert g.stop == ("eos" if e[-1] == eos else "max_tokens")
+    assert stats.new_tokens == sum(len(e) for e in expected)  # finished rows cost nothing afterwards
+
+
+def test_generation_stops_at_max_seq_len():
+    model = _random_model(max_seq_len=32)
+    gens = generate(model, _prompts(2, 10), 1000, GREEDY)
+    assert [len(g.tokens) for g in gens] == [22, 22]
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, _prompts(1, 32), 5, GREEDY)
+    with pytest.raises(ValueError, match="equal-length"):
+        generate(model, [[1, 5], [1]], 5, GREEDY)
+
+
+def test_sampling_filters_and_seed():
+    logits = torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]] * 2000), dim=-1)
+    g = torch.Generator().manual_seed(0)
+    assert set(next_tokens(logits, SamplingParams(0.0), g).tolist()) == {5}
+    top2 = next_tokens(logits, SamplingParams(1.0, top_k=2, top_p=1.0), g)
+    assert set(top2.tolist()) == {4, 5}
+    # softmax([..,3,4,5]): p5 = 0.64, p4 = 0.23, p3 = 0.086: nucleus 0.8 keeps {5, 4}, 0.9 adds 3.
+    assert set(next_tokens(logits, SamplingParams(1.0, top_k=0, top_p=0.8), g).tolist()) == {4, 5}
+    assert set(next_tokens(logits, SamplingParams(1.0, top_k=0, top_p=0.9), g).tolist()) == {3, 4, 5}
+    free = next_tokens(logits, SamplingParams(1.0, top_k=0, top_p=1.0), g)
+    assert len(set(free.tolist())) == 6
+    # Frequencies follow the (tempered) distribution: token 5 is drawn ~64% of the time at T=1, more at T=0.5.
+    assert 0.58 < (free == 5).float().mean() < 0.70
+    cold = next_tokens(logits, SamplingParams(0.5, top_k=0, top_p=1.0), g)
+    assert (cold == 5).float().mean() > 0.8
+    # Same seed, same draws.
+    a = next_tokens(logits, SamplingParams(), torch.Generator().manual_seed(7))
+    b = next_tokens(logits, SamplingParams(), torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    for bad in (SamplingParams(-1.0), SamplingParams(top_k=-1), SamplingParams(top_p=0.0), SamplingParams(top_p=1.5)):
+        with pytest.raises(ValueError):
+            bad.validate()
+
+
+def test_sampled_generation_is_reproducible():
+    model = _random_model(seed=4)
+    prompts = _prompts(3, 4, seed=5)
+    runs = [generate(model, prompts, 30, SamplingParams(), generator=torch.Generator().manual_seed(11)) for _ in range(2)]
+    assert [g.tokens for g in runs[0]] == [g.tokens for g in runs[1]]
+    other = generate(model, prompts, 30, SamplingParams(), generator=torch.Generator().manual_seed(12))
+    assert [g.tokens for g in other] != [g.tokens for g in runs[0]]
+
+
+def test_eoi_detection_across_token_boundaries():
+    # id: 0 <unk>, 1 BOS, 2 EOS (no bytes), then byte pieces.
+    table = [b"", b"", b"", b"\x12\xff", b"\xd9", b"\xab\xff\xd9\x00", b"\xff\x00", b"\x34", b"\xd9\x10"]
+    det = EOIDetector(table)
+    assert det.prompt_state([1, 3]) is True and det.prompt_state([1, 3, 7]) is False
+    assert det.step(5, False) == (True, False)  # FF D9 inside one piece
+    assert det.step(4, True)[0] is True  # FF | D9 split across pieces
+    assert det.step(8, True)[0] is True
+    assert det.step(4, False)[0] is False  # D9 alone is data
+    assert det.step(6, False) == (False, False)  # stuffed FF 00
+    # A special token between FF and D9 contributes no bytes and keeps the state.
+    assert det.step(2, True) == (False, True)
+
+    # Through generate(): a model forced to emit FF | D9 stops with reason "eoi".
+    class Scripted(torch.nn.Module):
+        def __init__(self, script):
+            super().__init__()
+            self.cfg = ModelConfig(vocab_size=len(table), n_layers=1, d_model=8, n_heads=2, ffn_dim=8, max_seq_len=64)
+            self.script, self.weight = script, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, tokens, cache=None):
+            pos = (cache.pos if cache is not None else 0) + tokens.shape[1]
+            if cache is not None:
+                cache.pos = pos
+            out = torch.full((tokens.shape[0], tokens.shape[1], len(table)), -1e9)
+            out[:, -1, self.script[pos - 2]] = 0.0  # prompt length 2
+            return out
+
+    gens = generate(Scripted([7, 3, 7, 3, 4, 7, 7]), [[1, 7]], 20, GREEDY, eos_id=2, eoi=det)
+    assert gens[0].tokens == [7, 3, 7, 3, 4] and gens[0].stop == "eoi"

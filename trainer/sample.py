@@ -1,0 +1,524 @@
+"""`jpeglm sample`: generate images (from BOS) or complete them (from their top rows) with a trained model.
+
+    jpeglm sample --checkpoint DIR --out OUT [--num N] [--batch B] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    jpeglm sample --checkpoint DIR --out OUT --prompt a.jpg b.png --ratio 0.375 --num 4
+
+--checkpoint is any of: an exported jpeglm folder (trainer/pretrained.py), a Hugging Face Llama folder
+(trainer/hf.py; e.g. the authors' released weights), or a training run dir / DeepSpeed checkpoint
+(trainer/export.py consolidates it); a local path or s3://.
+
+Decoding is batched with a KV cache: the prompt (BOS + prompt tokens, the same length for every row of a batch) is
+prefilled once, then one token per step. A row stops at EOS, when the bytes FF D9 (JPEG EOI) appear in its decoded
+byte stream, or at the token limit; finished rows are dropped from the batch (and from the cache). Every sample is
+repaired (pipeline.codec.repair) and decoded, then written as OUT/sample-NNNN.jpg and .png; OUT/grid.png shows each
+prompt beside its completions; OUT/summary.json gives per-sample token counts, completeness and timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from trainer.model import KVCache, Transformer
+
+log = logging.getLogger("jpeglm.sample")
+
+EOI = b"\xff\xd9"
+DEFAULT_MAX_TOKENS = 12288  # the paper's sequence length: BOS + prompt + generated tokens per image
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------- sampling core
+
+
+@dataclass
+class SamplingParams:
+    """temperature 0 = greedy. top_k 0 / top_p 1.0 disable the filter. Defaults: the authors' settings."""
+
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.9
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+
+def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) fp32 -> token ids (B,): greedy, or temperature + top-k + top-p (nucleus) sampling."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already cover top_p (the best token always stays).
+        drop = probs.cumsum(dim=-1) - probs >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class EOIDetector:
+    """Finds the JPEG end-of-image marker FF D9 in each row's decoded byte stream, token by token.
+
+    A BPE piece may hold FF D9 whole, or end with FF while the next starts with D9. In entropy-coded data a 0xFF
+    byte is always stuffed (FF 00) or starts a restart marker, so FF D9 means end of image.
+    """
+
+    def __init__(self, token_bytes: list[bytes]):
+        self.contains_eoi = [EOI in b for b in token_bytes]
+        self.starts_d9 = [b[:1] == b"\xd9" for b in token_bytes]
+        self.ends_ff = [None if not b else b[-1:] == b"\xff" for b in token_bytes]  # None: no bytes (specials)
+
+    def prompt_state(self, prompt_tokens: list[int]) -> bool:
+        """Whether the prompt's byte stream ends with FF (so a first D9 closes the image)."""
+        last_ff = False
+        for t in prompt_tokens:
+            if self.ends_ff[t] is not None:
+                last_ff = self.ends_ff[t]
+        return last_ff
+
+    def step(self, token: int, last_ff: bool) -> tuple[bool, bool]:
+        """(EOI reached, new last_ff)."""
+        done = self.contains_eoi[token] or (last_ff and self.starts_d9[token])
+        ends = self.ends_ff[token]
+        return done, last_ff if ends is None else ends
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # generated tokens, without the prompt; includes the EOS / EOI-closing token
+    stop: str  # "eos", "eoi" or "max_tokens"
+
+
+@dataclass
+class GenerationStats:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    new_tokens: int = 0
+    steps: int = 0
+    rows: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = self.prefill_s + self.decode_s
+        return self.new_tokens / total if total > 0 else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    params: SamplingParams,
+    eos_id: int | None = None,
+    eoi: EOIDetector | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    stats: GenerationStats | None = None,
+    on_step=None,
+) -> list[Generation]:
+    """Autoregressive decoding of a batch of equal-length prompts (each starts with BOS).
+
+    use_cache=False recomputes the whole sequence at every step (the reference, and the benchmark's baseline).
+    on_step(n_active) is called after every decoding step (progress bars).
+    """
+    params.validate()
+    if not prompts or len({len(p) for p in prompts}) != 1:
+        raise ValueError("prompts must be a non-empty list of equal-length token lists")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    prompt_len = len(prompts[0])
+    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - prompt_len)
+    if max_new_tokens <= 0:
+        raise ValueError(f"prompt of {prompt_len} tokens leaves no room under max_seq_len={model.cfg.max_seq_len}")
+    stats = stats if stats is not None else GenerationStats()
+    n = len(prompts)
+    out: list[list[int]] = [[] for _ in range(n)]
+    stop = ["max_tokens"] * n
+    last_ff = [eoi.prompt_state(p) if eoi else False for p in prompts]
+    active = list(range(n))  # original row index of each row still in the batch
+
+    seq = torch.tensor(prompts, dtype=torch.long, device=device)
+    cache = KVCache(model.cfg, n, prompt_len + max_new_tokens, device, dtype) if use_cache else None
+    t0 = time.perf_counter()
+    logits = model(seq, cache)[:, -1]
+    _sync(device)
+    stats.prefill_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for step in range(max_new_tokens):
+        tok = next_tokens(logits, params, generator)
+        tok_list = tok.tolist()  # one host sync per step: the stop tests need the ids
+        keep = []
+        for j, (row, t) in enumerate(zip(active, tok_list)):
+            out[row].append(t)
+            if eos_id is not None and t == eos_id:
+                stop[row] = "eos"
+                continue
+            if eoi is not None:
+                done, last_ff[row] = eoi.step(t, last_ff[row])
+                if done:
+                    stop[row] = "eoi"
+                    continue
+            keep.append(j)
+        stats.new_tokens += len(tok_list)
+        stats.steps += 1
+        if on_step:
+            on_step(len(keep))
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):
+            # Drop finished rows: the remaining ones compute (and cache) nothing for them.
+            idx = torch.tensor(keep, device=device)
+            tok = tok[idx]
+            active = [active[j] for j in keep]
+            if cache is not None:
+                cache.k = [k.index_select(0, idx) for k in cache.k]
+                cache.v = [v.index_select(0, idx) for v in cache.v]
+            else:
+                seq = seq.index_select(0, idx)
+        if cache is not None:
+            logits = model(tok[:, None], cache)[:, -1]
+        else:
+            seq = torch.cat([seq, tok[:, None]], dim=1)
+            logits = model(seq)[:, -1]
+    _sync(device)
+    stats.decode_s += time.perf_counter() - t0
+    stats.rows.append(n)
+    return [Generation(o, s) for o, s in zip(out, stop)]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: object  # pipeline.tokenizer.Tokenizer
+    kind: str  # "jpeglm", "huggingface" or "training-run"
+    source: str
+
+
+def _read_config(uri: str) -> dict | None:
+    from pipeline import storage
+
+    cfg_uri = storage.join(uri, "config.json")
+    if not storage.exists(cfg_uri):
+        return None
+    return json.loads(storage.read_bytes(cfg_uri))
+
+
+def load_checkpoint(uri: str, device: torch.device, dtype: torch.dtype, tokenizer_uri: str | None = None) -> LoadedModel:
+    """Detect what `uri` holds and load model + tokenizer from it (see module docstring)."""
+    from pipeline import storage
+    from pipeline.tokenizer import Tokenizer
+    from trainer import hf, pretrained
+
+    config = _read_config(uri)
+    with contextlib.ExitStack() as stack:
+        if config is not None and config.get("format") == pretrained.FORMAT:
+            kind = "jpeglm"
+            path = stack.enter_context(hf.local_dir(uri))
+            model, _ = pretrained.load_pretrained(path, device=device, dtype=dtype)
+            tok_path = os.path.join(path, "tokenizer.model")
+        elif config is not None and (config.get("model_type") == "llama" or "LlamaForCausalLM" in (config.get("architectures") or [])):
+            kind = "huggingface"
+            path = stack.enter_context(hf.local_dir(uri))
+            model, info = hf.load_hf_local(path, device=device, dtype=dtype)
+            tok_path = info["tokenizer_path"]
+        else:
+            kind = "training-run"
+            from trainer.export import consolidate
+
+            state, cfg, tok_path, _ = consolidate(uri)
+            with torch.device("meta"):
+                model = Transformer(cfg)
+            model.load_state_dict(state, strict=True, assign=True)
+            model = model.to(device=device, dtype=dtype).eval()
+        log.info("checkpoint %s: %s model, %.1fM parameters (%s)", uri, kind, sum(p.numel() for p in model.parameters()) / 1e6,
+                 {"jpeglm": "exported folder", "huggingface": "Hugging Face Llama folder",
+                  "training-run": "DeepSpeed checkpoint, consolidated"}[kind])
+        tok_path = tokenizer_uri or tok_path
+        if not tok_path:
+            raise ValueError(f"{uri}: no tokenizer.model found; pass --tokenizer PATH")
+        if storage.is_remote(tok_path):
+            local = os.path.join(stack.enter_context(_tempdir()), "tokenizer.model")
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(tok_path))
+            tok_path = local
+        tokenizer = Tokenizer.load(tok_path)
+    model = model.to(device=device, dtype=dtype).eval()
+    if tokenizer.vocab_size != model.cfg.vocab_size:
+        raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {model.cfg.vocab_size}")
+    return LoadedModel(model, tokenizer, kind, uri)
+
+
+@contextlib.contextmanager
+def _tempdir():
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="jpeglm-sample-")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def token_bytes_table(tokenizer) -> list[bytes]:
+    """The bytes each token id stands for (b"" for BOS/EOS/pad)."""
+    return [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+@dataclass
+class SampleRecord:
+    file: str
+    prompt: str | None
+    prompt_tokens: int
+    new_tokens: int
+    stop: str
+    body_bytes: int
+    jpeg_bytes: int
+    complete: bool
+    decoded: bool
+
+
+def _render(jpeg: bytes):
+    """(RGB image, complete, decoded) via the tolerant decoder; a grey square if nothing decodes."""
+    from PIL import Image
+
+    from pipeline import codec
+
+    try:
+        image, complete = codec.decode_tolerant(jpeg)
+        return image.convert("RGB"), bool(complete), True
+    except Exception as e:  # a sample the decoder cannot read at all is still a sample: record it
+        log.warning("undecodable sample (%s: %s)", type(e).__name__, e)
+        return Image.new("RGB", (256, 256), (128, 128, 128)), False, False
+
+
+def make_grid(rows: list[list], labels: list[list[str]] | None = None, cell: int = 256, gap: int = 4):
+    """A PNG-ready grid: rows of PIL images (each prompt's row: prompt, completions, original)."""
+    from PIL import Image, ImageDraw
+
+    ncols = max(len(r) for r in rows)
+    label_h = 14 if labels else 0
+    grid = Image.new("RGB", (ncols * (cell + gap) + gap, len(rows) * (cell + gap + label_h) + gap), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            x, y = gap + j * (cell + gap), gap + i * (cell + gap + label_h)
+            if im.size != (cell, cell):
+                im = im.resize((cell, cell))
+            grid.paste(im, (x, y + label_h))
+            if labels:
+                draw.text((x + 2, y + 1), labels[i][j], fill=(0, 0, 0))
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="exported jpeglm folder, Hugging Face Llama folder, or training run dir (local path or s3://)")
+    parser.add_argument("--out", required=True, help="output folder for sample-NNNN.{jpg,png}, grid.png, summary.json")
+    parser.add_argument("--num", type=int, default=8, help="images to generate; with --prompt: completions per prompt (default 8)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences decoded together (default 8)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = off (default 50)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass; 1.0 = off (default 0.9)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same flags give the same images (default 0)")
+    parser.add_argument("--prompt", nargs="+", metavar="IMAGE", help="complete these images from their top rows")
+    parser.add_argument("--ratio", type=float, default=0.375,
+                        help="fraction of the image given as prompt: cut after the n-th FF D7 marker, n = int(32*ratio) "
+                             "(default 0.375 = top 96 rows)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"max tokens per image including BOS and prompt, capped by the model's max_seq_len (default {DEFAULT_MAX_TOKENS})")
+    parser.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's (local or s3://)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default auto)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), help="weights/activations dtype (default: bf16 on cuda, fp32 on cpu)")
+
+
+def _check_args(parser_error, args) -> None:
+    if args.num <= 0:
+        parser_error("--num must be positive")
+    if args.batch <= 0:
+        parser_error("--batch must be positive")
+    if args.max_tokens < 2:
+        parser_error("--max-tokens must be at least 2")
+    if args.prompt and not 0 < args.ratio < 1:
+        parser_error("--ratio must be in (0, 1), e.g. 0.375")
+    if args.prompt and int(32 * args.ratio) < 1:
+        parser_error(f"--ratio {args.ratio} gives n = int(32*ratio) = 0 markers: use at least 1/32")
+    try:
+        SamplingParams(args.temperature, args.top_k, args.top_p).validate()
+    except ValueError as e:
+        parser_error(str(e).replace("temperature", "--temperature").replace("top_k", "--top-k").replace("top_p", "--top-p"))
+    for p in args.prompt or []:
+        from pipeline import storage
+
+        if not storage.exists(p):
+            parser_error(f"--prompt {p}: no such file")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def fail(msg: str):
+        print(f"jpeglm sample: error: {msg}", file=sys.stderr)
+        raise SystemExit(2)
+
+    _check_args(fail, args)
+    try:
+        device = _device(args.device)
+    except ValueError as e:
+        fail(str(e))
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    summary = sample_to_folder(args, device, dtype)
+    t = summary["timing"]
+    n_complete = sum(s["complete"] for s in summary["samples"])
+    print(f"{len(summary['samples'])} samples in {args.out}: {n_complete} complete JPEGs, "
+          f"{t['new_tokens']} tokens at {t['tokens_per_s']:.1f} tokens/s, {t['images_per_min']:.2f} images/min "
+          f"({summary['device']}, {summary['dtype']}); grid: {os.path.join(args.out, 'grid.png')}")
+    return 0
+
+
+def _prompt_jobs(args, tokenizer):
+    """[(label, prompt token ids incl. BOS, canonical body or None, prompt body or None)]."""
+    from pipeline import codec, storage
+
+    if not args.prompt:
+        return [(None, [tokenizer.bos_id], None, None)]
+    jobs = []
+    for p in args.prompt:
+        body = codec.canonicalize(storage.read_bytes(p))
+        prefix = codec.prompt_prefix(body, args.ratio)
+        jobs.append((p, [tokenizer.bos_id] + tokenizer.encode(prefix), body, prefix))
+    return jobs
+
+
+def sample_to_folder(args, device: torch.device, dtype: torch.dtype) -> dict:
+    from tqdm import tqdm
+
+    from pipeline import codec
+
+    loaded = load_checkpoint(args.checkpoint, device, dtype, args.tokenizer)
+    model, tok = loaded.model, loaded.tokenizer
+    params = SamplingParams(args.temperature, args.top_k, args.top_p)
+    eoi = EOIDetector(token_bytes_table(tok))
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    max_total = min(args.max_tokens, model.cfg.max_seq_len)
+    if args.max_tokens > model.cfg.max_seq_len:
+        log.warning("--max-tokens %d exceeds the model's max_seq_len %d: images stop at %d tokens",
+                    args.max_tokens, model.cfg.max_seq_len, model.cfg.max_seq_len)
+
+    jobs = _prompt_jobs(args, tok)
+    records: list[SampleRecord] = []
+    grid_rows, grid_labels = [], []
+    stats = GenerationStats()
+    t_start = time.perf_counter()
+    bar = tqdm(total=len(jobs) * args.num, desc="sampling", unit="img")
+    for label, prompt_ids, body, prefix in jobs:
+        if len(prompt_ids) >= max_total:
+            raise SystemExit(f"jpeglm sample: error: prompt {label} is {len(prompt_ids)} tokens, not below the limit {max_total}")
+        row_images, row_labels = [], []
+        if prefix is not None:
+            row_images.append(_render(codec.repair(prefix))[0])
+            row_labels.append(f"prompt {os.path.basename(label)}"[:40])
+        remaining = args.num
+        while remaining:
+            b = min(args.batch, remaining)
+            steps_before = stats.steps
+            gens = generate(model, [prompt_ids] * b, max_total - len(prompt_ids), params, tok.eos_id, eoi, generator,
+                            stats=stats)
+            for g in gens:
+                i = len(records)
+                body_out = tok.decode(prompt_ids + g.tokens)
+                jpeg = codec.repair(body_out)
+                image, complete, decoded = _render(jpeg)
+                name = f"sample-{i:04d}"
+                with open(os.path.join(args.out, name + ".jpg"), "wb") as f:
+                    f.write(jpeg)
+                image.save(os.path.join(args.out, name + ".png"))
+                records.append(SampleRecord(name + ".jpg", label, len(prompt_ids), len(g.tokens), g.stop, len(body_out),
+                                            len(jpeg), complete, decoded))
+                row_images.append(image)
+                row_labels.append(f"{name} {g.stop}")
+            remaining -= b
+            bar.update(b)
+            bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}", steps=stats.steps - steps_before)
+        if body is not None:
+            row_images.append(_render(codec.assemble(body))[0])
+            row_labels.append("original")
+        grid_rows.append(row_images)
+        grid_labels.append(row_labels)
+    bar.close()
+    wall = time.perf_counter() - t_start
+
+    if not args.prompt:  # unconditional: wrap the single row into a square-ish grid
+        flat, flat_labels = grid_rows[0], grid_labels[0]
+        cols = min(len(flat), max(1, math.ceil(math.sqrt(len(flat)))))
+        grid_rows = [flat[i : i + cols] for i in range(0, len(flat), cols)]
+        grid_labels = [flat_labels[i : i + cols] for i in range(0, len(flat), cols)]
+    make_grid(grid_rows, grid_labels).save(os.path.join(args.out, "grid.png"))
+
+    gen_s = stats.prefill_s + stats.decode_s
+    summary = {
+        "checkpoint": args.checkpoint,
+        "checkpoint_kind": loaded.kind,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "sampling": asdict(params) | {"seed": args.seed, "batch": args.batch, "max_tokens": max_total},
+        "prompts": args.prompt or [],
+        "ratio": args.ratio if args.prompt else None,
+        "samples": [asdict(r) for r in records],
+        "timing": {
+            "wall_s": round(wall, 3),
+            "generate_s": round(gen_s, 3),
+            "prefill_s": round(stats.prefill_s, 3),
+            "new_tokens": stats.new_tokens,
+            "tokens_per_s": round(stats.new_tokens / gen_s, 2) if gen_s else 0.0,
+            "images_per_min": round(len(records) / wall * 60, 3) if wall else 0.0,
+        },
+    }
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    return summary
