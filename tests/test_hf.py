@@ -170,3 +170,35 @@ def _empty(tmp_path) -> str:
     d.mkdir()
     (d / "config.json").write_text("{}")
     return str(d)
+
+
+def test_exported_tokenizer_and_generation_match_transformers(tmp_path):
+    """The exported folder's tokenizer files load as transformers' LlamaTokenizer with our ids and bytes, and
+    transformers' greedy generate() from BOS gives our sampler's tokens."""
+    from pipeline.sample_images import derive
+    from pipeline.tokenizer import Tokenizer, bytes_to_text, text_to_bytes
+    from trainer.sample import SamplingParams, generate
+
+    files = [data for _, data in derive(8)]
+    tok = Tokenizer.train(files[:6], 320)
+    tok.save(str(tmp_path / "tok.model"))
+    model = _our_model(seed=10, max_seq_len=4096, init_std=0.1)
+    out = tmp_path / "hf"
+    hf.save_hf(model.state_dict(), model.cfg, str(out), str(tmp_path / "tok.model"), tokenizer_meta=tok.metadata())
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+    assert config["jpeglm"]["tokenizer"]["fingerprint"] == tok.fingerprint
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    for data in files[6:]:
+        text = bytes_to_text(data)
+        ids = tok.encode(data)
+        assert hf_tok(text)["input_ids"] == [tok.bos_id] + ids  # BOS added, no dummy-prefix space
+        assert text_to_bytes(hf_tok.decode(ids)) == data  # HF decodes to Braille characters, one per byte
+
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    prompt = [tok.bos_id] + tok.encode(files[6][:40])
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, min_new_tokens=24)
+    ours = generate(model, [prompt], 24, SamplingParams(temperature=0.0))[0].tokens
+    assert theirs[0, len(prompt):].tolist() == ours

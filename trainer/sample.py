@@ -140,9 +140,11 @@ def generate(
     use_cache: bool = True,
     stats: GenerationStats | None = None,
     on_step=None,
+    suppress_ids: list[int] | None = None,
 ) -> list[Generation]:
     """Autoregressive decoding of a batch of equal-length prompts (each starts with BOS).
 
+    suppress_ids: tokens never to generate (e.g. <unk>, which stands for no byte).
     use_cache=False recomputes the whole sequence at every step (the reference, and the benchmark's baseline).
     on_step(n_active) is called after every decoding step (progress bars).
     """
@@ -170,6 +172,8 @@ def generate(
     stats.prefill_s += time.perf_counter() - t0
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
+        if suppress_ids:
+            logits[:, suppress_ids] = float("-inf")
         tok = next_tokens(logits, params, generator)
         tok_list = tok.tolist()  # one host sync per step: the stop tests need the ids
         keep = []
@@ -289,8 +293,8 @@ def _tempdir():
 
 
 def token_bytes_table(tokenizer) -> list[bytes]:
-    """The bytes each token id stands for (b"" for BOS/EOS/pad)."""
-    return [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+    """The bytes each token id stands for (b"" for BOS/EOS/pad and <unk>, which is never generated)."""
+    return [b"" if i == tokenizer.unk_id else tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -467,7 +471,7 @@ def sample_to_folder(args, device: torch.device, dtype: torch.dtype) -> dict:
             b = min(args.batch, remaining)
             steps_before = stats.steps
             gens = generate(model, [prompt_ids] * b, max_total - len(prompt_ids), params, tok.eos_id, eoi, generator,
-                            stats=stats)
+                            stats=stats, suppress_ids=[tok.unk_id])
             for g in gens:
                 i = len(records)
                 body_out = tok.decode(prompt_ids + g.tokens)
