@@ -1,0 +1,179 @@
+"""Per-image stats (one Parquet file per work unit, OUTPUT/stats/unit-NNNNNN.parquet) and the job summary.
+
+Schema documented in schemas/image_stats.md. One row per image met in the inputs, in stream order, whatever
+happened to it: nothing is dropped silently. Rows with status "ok" are exactly the images in the shards, and
+their order (per split) is the order of the images in the unit's token stream.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+OK = "ok"
+READ_ERROR = "read_error"  # the source object could not be read (missing, forbidden, unreadable tar or parquet)
+
+SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),  # stable image id (schemas/image_stats.md)
+        pa.field("source", pa.string(), nullable=False),  # where the bytes came from: URI, URI#member, URI#row
+        pa.field("status", pa.string(), nullable=False),  # "ok", a codec reason, or "read_error"
+        pa.field("message", pa.string(), nullable=False),  # why, when status != ok; "" otherwise
+        pa.field("source_bytes", pa.int64()),  # size of the source object (null if unreadable)
+        pa.field("source_format", pa.string()),  # Pillow format name (null if not decodable)
+        pa.field("source_width", pa.int32()),
+        pa.field("source_height", pa.int32()),
+        pa.field("jpeg_bytes", pa.int32()),  # canonical JPEG body (tables stripped): the bytes the model sees
+        pa.field("tokens", pa.int32()),  # BPE tokens of that body, without BOS/EOS
+        pa.field("split", pa.string()),  # "train" / "validation" for ok images, null otherwise
+    ]
+)
+
+
+@dataclass
+class ImageStat:
+    id: str
+    source: str
+    status: str
+    message: str = ""
+    source_bytes: int | None = None
+    source_format: str | None = None
+    source_width: int | None = None
+    source_height: int | None = None
+    jpeg_bytes: int | None = None
+    tokens: int | None = None
+    split: str | None = None
+
+
+assert [f.name for f in fields(ImageStat)] == SCHEMA.names
+
+
+def to_parquet_bytes(stats: Iterable[ImageStat]) -> bytes:
+    rows = [asdict(s) for s in stats]
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def write(uri: str, stats: Iterable[ImageStat]) -> None:
+    storage.write_bytes(uri, to_parquet_bytes(stats))
+
+
+def read(uri: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns, schema=SCHEMA)
+
+
+@dataclass
+class Counts:
+    """What a work unit (or the whole job) did, aggregated from its stats."""
+
+    images: int = 0
+    ok: int = 0
+    status: dict = field(default_factory=dict)  # status -> count, for every status met
+    source_bytes: int = 0
+    jpeg_bytes: int = 0  # sum over ok images
+    body_tokens: int = 0  # sum over ok images, without BOS/EOS
+    split_images: dict = field(default_factory=dict)  # split -> ok images
+    split_tokens: dict = field(default_factory=dict)  # split -> stream tokens (with BOS/EOS)
+
+    @classmethod
+    def of(cls, stats: Iterable[ImageStat]) -> "Counts":
+        status, split_images, split_tokens = Counter(), Counter(), Counter()
+        c = cls()
+        for s in stats:
+            c.images += 1
+            status[s.status] += 1
+            c.source_bytes += s.source_bytes or 0
+            if s.status == OK:
+                c.ok += 1
+                c.jpeg_bytes += s.jpeg_bytes
+                c.body_tokens += s.tokens
+                split_images[s.split] += 1
+                split_tokens[s.split] += s.tokens + 2
+        c.status, c.split_images, c.split_tokens = dict(sorted(status.items())), dict(split_images), dict(split_tokens)
+        return c
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Counts":
+        return cls(**d)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def __add__(self, other: "Counts") -> "Counts":
+        def merge(a, b):
+            out = Counter(a)
+            out.update(b)
+            return dict(sorted(out.items()))
+
+        return Counts(
+            images=self.images + other.images,
+            ok=self.ok + other.ok,
+            status=merge(self.status, other.status),
+            source_bytes=self.source_bytes + other.source_bytes,
+            jpeg_bytes=self.jpeg_bytes + other.jpeg_bytes,
+            body_tokens=self.body_tokens + other.body_tokens,
+            split_images=merge(self.split_images, other.split_images),
+            split_tokens=merge(self.split_tokens, other.split_tokens),
+        )
+
+
+def summarize(counts: Counts, *, rows: dict, shards: dict, shard_bytes: int, padding_tokens: int, dropped_tokens: int,
+              wall_s: float, images_this_run: int, cpus: float) -> dict:
+    """The job summary (printed and saved as OUTPUT/summary.json)."""
+    failed = {k: v for k, v in (counts.status).items() if k != OK}
+    throughput = images_this_run / wall_s if wall_s > 0 else 0.0
+    return {
+        "images": counts.images,
+        "images_ok": counts.ok,
+        "images_failed": sum(failed.values()),
+        "failed_by_reason": failed,
+        "images_by_split": counts.split_images,
+        "tokens": counts.body_tokens + 2 * counts.ok,
+        "padding_tokens": padding_tokens,
+        "dropped_tokens": dropped_tokens,
+        "rows": rows,
+        "shards": shards,
+        "shard_bytes": shard_bytes,
+        "source_bytes": counts.source_bytes,
+        "jpeg_bytes": counts.jpeg_bytes,
+        "bytes_per_token": round(counts.jpeg_bytes / counts.body_tokens, 4) if counts.body_tokens else None,
+        "tokens_per_image": round((counts.body_tokens + 2 * counts.ok) / counts.ok, 1) if counts.ok else None,
+        "wall_time_s": round(wall_s, 2),
+        "images_this_run": images_this_run,
+        "images_per_s": round(throughput, 1),
+        "cpus": cpus,
+        "images_per_s_per_cpu": round(throughput / cpus, 1) if cpus else None,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """A readable block for the terminal."""
+
+    def fmt(v):
+        if isinstance(v, dict):
+            return ", ".join(f"{k} {fmt(x)}" for k, x in v.items()) or "-"
+        if isinstance(v, float):
+            return f"{v:,.2f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return "-" if v is None else str(v)
+
+    labels = [
+        ("images", "images"), ("images_ok", "  ok"), ("images_failed", "  failed"), ("failed_by_reason", "  failed by reason"),
+        ("images_by_split", "  ok by split"), ("tokens", "tokens (with BOS/EOS)"), ("padding_tokens", "padding tokens"),
+        ("dropped_tokens", "dropped tokens"), ("rows", "rows"), ("shards", "shards"), ("shard_bytes", "shard bytes"),
+        ("bytes_per_token", "JPEG bytes per token"), ("tokens_per_image", "tokens per image"),
+        ("wall_time_s", "wall time (s)"), ("images_this_run", "images processed this run"), ("images_per_s", "images/s"),
+        ("cpus", "CPUs"), ("images_per_s_per_cpu", "images/s per CPU"),
+    ]
+    width = max(len(label) for _, label in labels)
+    return "\n".join(f"{label:<{width}}  {fmt(summary.get(key))}" for key, label in labels if key in summary)
