@@ -19,12 +19,13 @@ from pipeline import storage
 
 OK = "ok"
 READ_ERROR = "read_error"  # the source object could not be read (missing, forbidden, unreadable tar or parquet)
+INTERNAL_ERROR = "internal_error"  # the codec raised something other than CodecError (a bug; logged, not fatal)
 
 SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),  # stable image id (schemas/image_stats.md)
         pa.field("source", pa.string(), nullable=False),  # where the bytes came from: URI, URI#member, URI#row
-        pa.field("status", pa.string(), nullable=False),  # "ok", a codec reason, or "read_error"
+        pa.field("status", pa.string(), nullable=False),  # "ok", a codec reason, "read_error", "internal_error"
         pa.field("message", pa.string(), nullable=False),  # why, when status != ok; "" otherwise
         pa.field("source_bytes", pa.int64()),  # size of the source object (null if unreadable)
         pa.field("source_format", pa.string()),  # Pillow format name (null if not decodable)

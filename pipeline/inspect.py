@@ -1,0 +1,194 @@
+"""`jpeglm inspect OUTPUT`: what a preprocess output holds, and any image back as the JPEG the model will see.
+
+    jpeglm inspect out/preprocess                       # manifest + summary
+    jpeglm inspect out/preprocess --list 5              # the first 5 images (id, status, split, tokens)
+    jpeglm inspect out/preprocess --failed 20           # images that were not packed, and why
+    jpeglm inspect out/preprocess --dump img-000007.jpg --out seen.jpg
+    jpeglm inspect out/preprocess --verify              # re-hash every shard against the manifest
+
+--dump finds the image's position from the per-image stats (their order is the token stream's order), reads only
+the rows holding it from the shards, decodes the tokens and splices the JPEG tables back (codec.assemble).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from typing import Iterator
+
+import numpy as np
+
+from pipeline import storage
+
+
+class InspectError(Exception):
+    pass
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", metavar="OUTPUT", help="a jpeglm preprocess output folder (local path or s3://...)")
+    parser.add_argument("--list", type=int, default=0, metavar="N", help="print the first N images (all statuses)")
+    parser.add_argument("--failed", type=int, default=0, metavar="N", help="print up to N images that failed, and why")
+    parser.add_argument("--dump", default=None, metavar="ID",
+                        help="an image id (see --list): decode its tokens from the shards and write it as a JPEG")
+    parser.add_argument("--out", default=None, metavar="FILE",
+                        help="where --dump writes the JPEG (default: the id's base name + .jpg, in the current folder)")
+    parser.add_argument("--verify", action="store_true", help="check every shard's size and sha256 against the manifest")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = Output(args.output)
+        print(out.describe())
+        if args.list:
+            _print_images(out.images(limit=args.list))
+        if args.failed:
+            _print_images(out.images(limit=args.failed, failed_only=True), empty="no failed images")
+        if args.verify:
+            bad = out.verify()
+            print(f"\nverify: {len(out.manifest['shards']) - len(bad)} of {len(out.manifest['shards'])} shards match")
+            for line in bad:
+                print(f"  MISMATCH {line}")
+            if bad:
+                return 1
+        if args.dump is not None:
+            path = args.out or _default_name(args.dump)
+            jpeg, info = out.dump(args.dump)
+            with open(path, "wb") as f:
+                f.write(jpeg)
+            print(f"\nwrote {path}: {info['id']} ({info['split']}, {info['tokens']} tokens, {info['jpeg_bytes']} body "
+                  f"bytes -> {len(jpeg)} JPEG bytes; rows {info['rows'][0]}..{info['rows'][-1]})")
+    except InspectError as e:
+        print(f"jpeglm inspect: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _default_name(image_id: str) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id.rsplit("/", 1)[-1]).strip("._") or "image"
+    return os.path.splitext(base)[0] + ".jpg"
+
+
+def _print_images(rows: list[dict], empty: str = "no images") -> None:
+    print()
+    if not rows:
+        print(empty)
+        return
+    for r in rows:
+        extra = f"{r['split']:<10} {r['tokens']:>6} tokens" if r["status"] == "ok" else r["message"]
+        print(f"{r['status']:<12} {r['id']}  {extra}")
+
+
+class Output:
+    """A finished preprocess output: manifest.json, summary.json, stats/, shards/."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        manifest_uri = storage.join(self.uri, "manifest.json")
+        if not storage.exists(manifest_uri):
+            hint = " (unfinished: rerun the same jpeglm preprocess command)" if storage.exists(
+                storage.join(self.uri, "_work")) else ""
+            raise InspectError(f"{manifest_uri} not found: not a finished jpeglm preprocess output{hint}")
+        self.manifest = json.loads(storage.read_bytes(manifest_uri))
+        from pipeline.preprocess import FORMAT, FORMAT_VERSION
+
+        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
+            raise InspectError(f"{manifest_uri}: format {self.manifest.get('format')!r} version "
+                               f"{self.manifest.get('format_version')!r}; this jpeglm reads {FORMAT} {FORMAT_VERSION}")
+        summary_uri = storage.join(self.uri, "summary.json")
+        self.summary = json.loads(storage.read_bytes(summary_uri)) if storage.exists(summary_uri) else None
+
+    def describe(self) -> str:
+        from pipeline.stats import format_summary
+
+        m = self.manifest
+        tok = m["tokenizer"]
+        lines = [
+            f"{self.uri}: {m['format']} v{m['format_version']}, seq_len {m['seq_len']}, tokens {m['token_dtype']}",
+            f"tokenizer: {tok['path']} vocab {tok['vocab_size']}, bos {tok['bos_id']}, eos {tok['eos_id']}, "
+            f"fingerprint {tok['fingerprint'][:16]}",
+            f"codec: {m['codec']['size']}x{m['codec']['size']} q{m['codec']['quality']} {m['codec']['subsampling']}, "
+            f"RST every {m['codec']['restart_interval_mcus']} MCU; last row: {m['last_row_policy']}",
+        ]
+        for split, t in m["totals"].items():
+            shards = [s for s in m["shards"] if s["split"] == split]
+            lines.append(f"{split}: {t['images']:,} images, {t['rows']:,} rows, {len(shards)} shards "
+                         f"({sum(s['bytes'] for s in shards) / 1e6:,.1f} MB), padding {t['padding_tokens']:,} tokens, "
+                         f"dropped {t['dropped_tokens']:,}")
+        if self.summary:
+            lines += ["", format_summary(self.summary)]
+        return "\n".join(lines)
+
+    def stats_files(self) -> list[str]:
+        return [storage.join(self.uri, "stats", n) for n in storage.listdir(storage.join(self.uri, "stats"))
+                if n.endswith(".parquet")]
+
+    def _stats_rows(self) -> Iterator[dict]:
+        from pipeline import stats
+
+        for uri in self.stats_files():  # unit order = stream order
+            yield from stats.read(uri).to_pylist()
+
+    def images(self, limit: int, failed_only: bool = False) -> list[dict]:
+        out = []
+        for r in self._stats_rows():
+            if failed_only and r["status"] == "ok":
+                continue
+            out.append(r)
+            if len(out) >= limit:
+                break
+        return out
+
+    def verify(self) -> list[str]:
+        bad = []
+        for s in self.manifest["shards"]:
+            h, size = hashlib.sha256(), 0
+            with storage.open_read(storage.join(self.uri, s["path"])) as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+                    size += len(chunk)
+            if size != s["bytes"] or h.hexdigest() != s["sha256"]:
+                bad.append(f"{s['path']}: {size} bytes, sha256 {h.hexdigest()[:16]}")
+        return bad
+
+    def locate(self, image_id: str) -> tuple[dict, int]:
+        """(its stats row, offset of its BOS in its split's token stream)."""
+        offsets: dict[str, int] = {}
+        for r in self._stats_rows():
+            if r["id"] == image_id:
+                if r["status"] != "ok":
+                    raise InspectError(f"{image_id} is not in the shards: {r['status']} ({r['message']})")
+                return r, offsets.get(r["split"], 0)
+            if r["status"] == "ok":
+                offsets[r["split"]] = offsets.get(r["split"], 0) + r["tokens"] + 2
+        raise InspectError(f"no image {image_id!r} in {self.uri}/stats (see --list)")
+
+    def dump(self, image_id: str) -> tuple[bytes, dict]:
+        """The image's JPEG file as decoded from the shards, and where it was found."""
+        from pipeline import codec, packing, shards
+        from pipeline.tokenizer import Tokenizer
+
+        rec, offset = self.locate(image_id)
+        seq_len = self.manifest["seq_len"]
+        first_row, last_row = offset // seq_len, (offset + rec["tokens"] + 1) // seq_len
+        rows = []
+        for s in self.manifest["shards"]:
+            if s["split"] != rec["split"] or s["first_row"] + s["rows"] <= first_row or s["first_row"] > last_row:
+                continue
+            for _, tokens, meta in shards.read_samples(storage.join(self.uri, s["path"])):
+                if first_row <= meta["row"] <= last_row:
+                    rows.append((tokens, meta["images"]))
+                if meta["row"] >= last_row:
+                    break
+        ids = packing.image_tokens(rows, image_id)
+        if ids is None:
+            raise InspectError(f"{image_id} is listed as ok but is not in rows {first_row}..{last_row} (damaged output?)")
+        tok = Tokenizer.load(storage.join(self.uri, self.manifest["tokenizer"]["path"]))
+        body = tok.decode(np.asarray(ids).tolist())
+        jpeg = codec.assemble(body, self.manifest["codec"]["quality"])
+        return jpeg, {"id": image_id, "split": rec["split"], "tokens": len(ids), "jpeg_bytes": len(body),
+                      "rows": list(range(first_row, last_row + 1))}
