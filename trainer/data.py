@@ -91,6 +91,9 @@ class Manifest:
         for entry in raw["shards"]:
             split = entry["split"]
             first = next_row.get(split, 0)
+            if entry.get("first_row", first) != first:
+                raise DataError(f"{path}: shard {entry['path']} says first_row {entry['first_row']}, but the shards "
+                                f"listed before it hold {first} {split} rows")
             shards.append(ShardRef(storage.join(root, entry["path"]), entry["path"], split, int(entry["rows"]), first))
             next_row[split] = first + int(entry["rows"])
         return cls(root=root, raw=raw, seq_len=int(raw["seq_len"]), shards=shards)
