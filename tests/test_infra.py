@@ -45,8 +45,8 @@ needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kube
 def crds():
     d = check.crd_dir()
     if d is None:
-        pytest.skip(f"CRD schemas not found at {ROOT.parent / 'shared' / 'crds'} (nor $JPEGLM_CRD_DIR): "
-                    "custom resources cannot be validated offline")
+        pytest.skip(f"CRD schemas not found at {check.crd_dir_candidate()} (../shared/crds beside the repository, "
+                    "or $JPEGLM_CRD_DIR): custom resources cannot be validated offline")
     return d
 
 
@@ -173,6 +173,7 @@ def test_job_commands_carry_the_overlay_parameters(rendered, env):
     assert pre.input == [params["INPUT_URI"]]
     assert pre.output == params["DATA_URI"]
     assert pre.address == "auto"  # the entrypoint runs on the head of the RayJob's own cluster
+    assert pre.max_in_flight == int(params["MAX_IN_FLIGHT"])
 
     pytorchjob = _obj(rendered[env, "train"][0], "PyTorchJob")
     commands = check.manifest_commands(pytorchjob)
@@ -237,6 +238,19 @@ def test_preprocess_cluster_autoscales_and_reaches_s3(rendered, env):
         assert {"secretRef": {"name": "jpeglm-s3", "optional": True}} in container["envFrom"]  # or a Secret
         assert container["resources"]["requests"] == container["resources"]["limits"]  # Ray sizes itself from limits
         assert any(m["mountPath"] == "/dev/shm" for m in container["volumeMounts"])
+
+
+@needs_kubectl
+def test_autoscaling_check_catches_a_queue_too_short_for_max_replicas(rendered):
+    rayjob = _obj(rendered["prod", "preprocess"][0], "RayJob")
+    assert check.autoscaling_problems(rayjob) == []
+    bigger = json.loads(json.dumps(rayjob))
+    bigger["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"] = 100  # 1,600 CPUs > 1,024 queued
+    (problem,) = check.autoscaling_problems(bigger)
+    assert "stops short of maxReplicas" in problem
+    bigger["spec"]["entrypoint"] = bigger["spec"]["entrypoint"].split(" --max-in-flight")[0]
+    (problem,) = check.autoscaling_problems(bigger)
+    assert "no --max-in-flight" in problem
 
 
 # ------------------------------------------------------------------------------------------------- Slurm

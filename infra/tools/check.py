@@ -106,9 +106,13 @@ def constraint_pins(flavor: str = "cpu") -> dict[str, str]:
 # ------------------------------------------------------------------------------------- schema validation
 
 
+def crd_dir_candidate() -> Path:
+    """$JPEGLM_CRD_DIR, else ../shared/crds beside the repository (CI's layout)."""
+    return Path(os.environ.get("JPEGLM_CRD_DIR") or ROOT.parent / "shared" / "crds")
+
+
 def crd_dir() -> Path | None:
-    """../shared/crds beside the repository (CI's layout), or $JPEGLM_CRD_DIR."""
-    d = Path(os.environ.get("JPEGLM_CRD_DIR") or ROOT.parent / "shared" / "crds")
+    d = crd_dir_candidate()
     return d if d.is_dir() else None
 
 
@@ -200,7 +204,7 @@ def validate_object(obj: dict, crds: Path | None, versions=K8S_VERSIONS) -> tupl
     # Built-in groups are "" (core) and *.k8s.io; *.x-k8s.io (JobSet, Kueue) are CRDs like any other domain.
     if "." in group and (not group.endswith(".k8s.io") or group.endswith(".x-k8s.io")):
         if crds is None:
-            notes.append(f"{kind}: CRD schemas not found (../shared/crds or $JPEGLM_CRD_DIR): schema check skipped")
+            notes.append(f"{kind}: no CRD schemas at {crd_dir_candidate()}: its schema check was skipped")
         else:
             validator = crd_validators(str(crds)).get((api_version, kind))
             if validator is None:
@@ -368,6 +372,33 @@ def summarize(obj: dict) -> list[str]:
     return lines
 
 
+def cpu_quantity(q: str | int | float) -> float:
+    q = str(q)
+    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def autoscaling_problems(rayjob: dict) -> list[str]:
+    """The autoscaler adds workers only for queued tasks: preprocess must keep enough of them in flight to fill
+    maxReplicas workers, or the cluster never grows past what its initial task queue asks for."""
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    if not cluster.get("enableInTreeAutoscaling"):
+        return []
+    capacity = 0.0
+    for group in cluster.get("workerGroupSpecs", []):
+        limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+        cpus = cpu_quantity(group.get("rayStartParams", {}).get("num-cpus", limits.get("cpu", 0)))
+        capacity += group["maxReplicas"] * cpus
+    argv = jpeglm_argv(shell_words(rayjob["spec"].get("entrypoint", ""))) or []
+    if "--max-in-flight" not in argv:
+        return ["the entrypoint has no --max-in-flight: preprocess sizes its queue from the CPUs present at start, "
+                "so the autoscaler never grows the cluster much past minReplicas"]
+    in_flight = argv[argv.index("--max-in-flight") + 1]
+    if in_flight.isdigit() and int(in_flight) < capacity:
+        return [f"--max-in-flight {in_flight} < {capacity:g} worker CPUs at maxReplicas: the autoscaler stops short of "
+                f"maxReplicas (set MAX_IN_FLIGHT >= maxReplicas x CPUs per worker)"]
+    return []
+
+
 def check_k8s(env: str, job: str, out: Path | None = None, for_apply: bool = False) -> tuple[list[dict], list[str], list[str]]:
     """Render overlays/ENV/JOB and check it: (objects, problems, notes). Writes the YAML to `out` if given."""
     text, objects = render(overlay_dir(env, job))
@@ -391,6 +422,7 @@ def check_k8s(env: str, job: str, out: Path | None = None, for_apply: bool = Fal
             version = obj["spec"]["rayClusterSpec"].get("rayVersion")
             if version != ray_pin:
                 problems.append(f"{name}: rayVersion {version} differs from the ray pin {ray_pin} in constraints/cpu.txt")
+            problems += [f"{name}: {p}" for p in autoscaling_problems(obj)]
         if for_apply:
             for image in images(obj):
                 if PLACEHOLDER_TAG.search(image):
