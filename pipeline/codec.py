@@ -357,7 +357,7 @@ def _gif_header_truncated(data: bytes) -> bool:
 
 class _Header(NamedTuple):
     status: str  # "ok": SOS reached; "truncated": the data ends first; "invalid": not a marker where one must be
-    scan_start: int  # offset of the first entropy-coded byte (status "ok")
+    scan_start: int  # "ok": the first entropy-coded byte; otherwise where the walk stopped (len(data) if truncated)
     sof: int | None  # SOFn marker byte
     precision: int
     width: int
@@ -387,30 +387,30 @@ def _parse_header(data: bytes, start: int) -> _Header:
 
     while True:
         if i >= n:
-            return result("truncated")
+            return result("truncated", n)
         if data[i] != 0xFF:
-            return result("invalid")
+            return result("invalid", i)
         while i < n and data[i] == 0xFF:  # fill bytes may precede a marker
             i += 1
         if i >= n:
-            return result("truncated")
+            return result("truncated", n)
         marker = data[i]
         i += 1
         if marker in _RST_MARKERS or marker in (0x00, 0x01, 0xD8, 0xD9):
-            return result("invalid")
+            return result("invalid", i)
         if i + 2 > n:
-            return result("truncated")
+            return result("truncated", n)
         length = int.from_bytes(data[i : i + 2], "big")
         if length < 2:
-            return result("invalid")
+            return result("invalid", i)
         if i + length > n:
-            return result("truncated")
+            return result("truncated", n)
         seg = data[i + 2 : i + length]
         i += length
         markers.add(marker)
         if marker in _SOF_MARKERS:
             if len(seg) < 6 or len(seg) != 6 + 3 * seg[5]:  # libjpeg insists on the exact length
-                return result("invalid")
+                return result("invalid", i)
             sof, precision = marker, seg[0]
             height, width = int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big")
             components = tuple(
@@ -422,11 +422,11 @@ def _parse_header(data: bytes, start: int) -> _Header:
             tables_ok &= _read_dht(seg, dc, ac)
         elif marker == 0xDD:
             if len(seg) != 2:
-                return result("invalid")
+                return result("invalid", i)
             restart_interval = int.from_bytes(seg, "big")
         elif marker == 0xDA:
             if len(seg) < 1 or len(seg) != 1 + 2 * seg[0] + 3:
-                return result("invalid")
+                return result("invalid", i)
             scan = tuple((seg[1 + 2 * k], seg[2 + 2 * k] >> 4, seg[2 + 2 * k] & 15) for k in range(seg[0]))
             return result("ok", i, scan, tuple(seg[-3:]))
 
@@ -553,7 +553,9 @@ def repair(generated: bytes, quality: int = QUALITY) -> bytes:
     """Model output -> a well-formed JPEG file that any decoder opens.
 
     Keeps the first SOI..EOI span (junk before SOI and after EOI is dropped); a header that is missing, cut or not
-    decodable with the standard tables is replaced by the canonical 256x256 header; the entropy-coded data is cut
+    decodable with the standard tables is replaced by the canonical 256x256 header (the bytes after the point where
+    it stopped making sense are kept as entropy-coded data, so different garbage still gives different images, and
+    a body with only its SOI lost still decodes whole); the entropy-coded data is cut
     before anything a decoder would stop at (a marker other than RST, a dangling 0xFF); EOI is appended and the
     tables are spliced after SOI unless they are already there. Missing MCUs then decode as flat blocks.
     Idempotent: repair(repair(x)) == repair(x), and repair(assemble(body)) == assemble(body).
@@ -572,8 +574,9 @@ def _repair(data: bytes, quality: int) -> tuple[bytes, bool]:
         head = data[soi : header.scan_start]
         scan_start = header.scan_start
     else:
+        # Whatever follows the unusable header is taken as entropy-coded data: it decodes to what the model wrote.
         head = _canonical_header(SIZE, quality)
-        scan_start = header.scan_start if header.status == "ok" else len(data)
+        scan_start = header.scan_start
         header = _parse_header(head, 0)
     scan, found_eoi, restarts = _clean_scan(data, scan_start)
     expected = _expected_restarts(header)

@@ -583,6 +583,19 @@ def test_repair_of_arbitrary_bytes(garbage):
     assert im.size == (256, 256) and not complete
 
 
+def test_garbage_keeps_its_content_after_repair():
+    # An untrained model writes noise: each output must still decode to its own image (not one blank file),
+    # the same output always to the same file.
+    rng = random.Random(11)
+    outputs = [rng.randbytes(3000) for _ in range(3)] + [b"\xff\xd8" + rng.randbytes(3000)]
+    fixed = [codec.repair(o) for o in outputs]
+    assert fixed == [codec.repair(o) for o in outputs]
+    images = [np.asarray(codec.decode_tolerant(o)[0]) for o in outputs]
+    for i in range(len(images)):
+        for j in range(i):
+            assert fixed[i] != fixed[j] and not np.array_equal(images[i], images[j])
+
+
 def test_repair_replaces_headers_libjpeg_would_refuse(body):
     sof = body.index(b"\xff\xc0")
     too_many_blocks = body[: sof + 11] + b"\x22\x00\x02\x22\x01\x03\x22\x01" + body[sof + 19 :]  # 12 blocks per MCU
