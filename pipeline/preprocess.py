@@ -48,7 +48,7 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 TASK_RETRIES = 3  # per task: worker death and exceptions (e.g. an S3 outage that outlived storage.retry)
 SAMPLE_MIN_PER_UNIT = 16  # the BPE sample takes at least this many images from each unit it visits
-# Test hook, off unless set: "PHASE:INDEX:ACTION" makes the first attempt of that task exit the worker process
+# Test hook, off unless set: "PHASE:INDEX:ACTION[,...]" makes the first attempt of that task exit the worker process
 # (ACTION "exit") or hang (ACTION "hang"), to prove retries and resume. PHASE:INDEX is bpe:N or encode:N (unit N)
 # or shard:NAME (e.g. shard:train-000001, which dies halfway through writing that tar).
 FAULT_ENV = "JPEGLM_PREPROCESS_FAULT"
@@ -167,8 +167,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _setup_logging() -> None:
+    # Our progress at INFO; libraries (botocore, s3fs, Ray) only at WARNING.
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("pipeline").setLevel(logging.INFO)
 
 
@@ -184,6 +185,9 @@ def config_from_args(args: argparse.Namespace) -> dict:
         inputs = [i.uri for i in sources.resolve_inputs(args.input)]
     except sources.InputError as e:
         raise PreprocessError(str(e)) from None
+    missing = [u for u in inputs if not storage.exists(u)]
+    if missing:
+        raise PreprocessError(f"input {missing[0]} does not exist")
     if args.tokenizer is None and not 259 <= args.vocab_size <= 65536:
         raise PreprocessError(f"--vocab-size must be in [259, 65536] (256 bytes + <unk>, <s>, </s>; uint16 ids), "
                               f"got {args.vocab_size}")
@@ -269,14 +273,14 @@ class Layout:
 
 def _maybe_fault(layout: Layout, phase: str, index: int | str) -> None:
     """The FAULT_ENV test hook (see its comment); a no-op unless that variable names this very task."""
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec.startswith(f"{phase}:{index}:"):
+    specs = [s for s in os.environ.get(FAULT_ENV, "").split(",") if s.startswith(f"{phase}:{index}:")]
+    if not specs:
         return
     marker = layout.fault_marker(phase, index)
     if storage.exists(marker):
         return  # the retry (or the rerun) proceeds normally
     storage.write_bytes(marker, b"")
-    if spec.endswith(":hang"):
+    if specs[0].endswith(":hang"):
         time.sleep(3600)
     os._exit(17)
 
@@ -773,12 +777,18 @@ def _config_difference(old: dict, new: dict) -> str:
 
 
 def bpe_sample_plan(unit_sizes: list[int | None], bpe_sample: int) -> tuple[list[int], int]:
-    """(units to sample, images to take from each): up to bpe_sample images from evenly spaced units, at least
-    SAMPLE_MIN_PER_UNIT per unit visited, so the sample spans every part of every input."""
+    """(units to sample, images to take from each): about bpe_sample images from evenly spaced units, at least
+    SAMPLE_MIN_PER_UNIT from each unit visited, so that the sample spans every part of every input. Small units
+    give fewer: more units are visited until the known sizes add up (a tar counts as `take`)."""
     n = len(unit_sizes)
     m = min(n, max(1, math.ceil(bpe_sample / SAMPLE_MIN_PER_UNIT)))
-    chosen = sorted({j * n // m for j in range(m)})
-    return chosen, math.ceil(bpe_sample / len(chosen))
+    while True:
+        chosen = sorted({j * n // m for j in range(m)})
+        take = math.ceil(bpe_sample / len(chosen))
+        expected = sum(take if unit_sizes[i] is None else min(take, unit_sizes[i]) for i in chosen)
+        if expected >= bpe_sample or m == n:
+            return chosen, take
+        m = min(n, 2 * m)
 
 
 # ---------------------------------------------------------------------------------------------------------------
