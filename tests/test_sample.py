@@ -10,6 +10,16 @@ from trainer.sample import EOIDetector, GenerationStats, SamplingParams, generat
 
 pytestmark = pytest.mark.timeout(300)
 
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # Small models gain nothing from a second thread, and on a busy 2-core machine OpenMP barriers between two
+    # threads stalled decoding steps by up to 50x (see bench/bench_sample.py).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 GREEDY = SamplingParams(temperature=0.0)
 
 
@@ -50,6 +60,9 @@ def test_kv_cache_greedy_equals_recomputation():
         assert cached[i].stop == "max_tokens" and len(ref) == 60
     # Different prompts give different continuations, so the rows really are independent sequences.
     assert len({tuple(g.tokens) for g in cached}) == 3
+    # Copies of one prompt are prefilled once and their cache rows copied: same tokens as decoding alone.
+    shared = generate(model, [prompts[0]] * 3, 60, GREEDY)
+    assert all(g.tokens == _greedy_reference(model, prompts[0], 60) for g in shared)
 
 
 def test_finished_rows_leave_the_batch_without_disturbing_others():
@@ -142,3 +155,170 @@ def test_eoi_detection_across_token_boundaries():
 
     gens = generate(Scripted([7, 3, 7, 3, 4, 7, 7]), [[1, 7]], 20, GREEDY, eos_id=2, eoi=det)
     assert gens[0].tokens == [7, 3, 7, 3, 4] and gens[0].stop == "eoi"
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def photo_bodies():
+    from pipeline import codec
+    from pipeline.sample_images import photo_bytes, photo_names
+
+    return {n: codec.canonicalize(photo_bytes(n)) for n in photo_names()}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(photo_bodies, tmp_path_factory):
+    from pipeline.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    Tokenizer.train(list(photo_bodies.values()), 320).save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tokenizer_file, tmp_path_factory):
+    """An exported jpeglm folder with a random tiny model (generates junk bytes, never EOS on purpose)."""
+    from pipeline.tokenizer import Tokenizer
+    from trainer.pretrained import save_pretrained
+
+    model = _random_model(seed=21, max_seq_len=8192, init_std=0.02)
+    d = tmp_path_factory.mktemp("ckpt") / "exported"
+    save_pretrained(model.state_dict(), model.cfg, str(d), tokenizer_file, Tokenizer.load(tokenizer_file).metadata())
+    return str(d)
+
+
+def _sample(*argv: str) -> int:
+    from jpeglm.cli import main
+
+    return main(["sample", *argv])
+
+
+def _summary(out) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_unconditional_outputs_and_reproducibility(random_checkpoint, tmp_path):
+    args = ["--checkpoint", random_checkpoint, "--num", "3", "--batch", "2", "--max-tokens", "160", "--seed", "5"]
+    assert _sample(*args, "--out", str(tmp_path / "a")) == 0
+    out = tmp_path / "a"
+    summary = _summary(out)
+    assert summary["checkpoint_kind"] == "jpeglm" and summary["dtype"] == "float32"
+    assert len(summary["samples"]) == 3
+    for i, s in enumerate(summary["samples"]):
+        jpeg = (out / f"sample-{i:04d}.jpg").read_bytes()
+        assert s["file"] == f"sample-{i:04d}.jpg" and s["jpeg_bytes"] == len(jpeg)
+        assert jpeg.startswith(b"\xff\xd8") and jpeg.endswith(b"\xff\xd9")  # repaired into a whole file
+        assert s["prompt_tokens"] == 1 and s["new_tokens"] + s["prompt_tokens"] <= 160
+        assert s["stop"] in ("eos", "eoi", "max_tokens") and isinstance(s["complete"], bool)
+        png = Image.open(out / f"sample-{i:04d}.png")
+        assert png.size == (256, 256)
+    t = summary["timing"]
+    assert t["new_tokens"] == sum(s["new_tokens"] for s in summary["samples"]) and t["tokens_per_s"] > 0
+    assert t["images_per_min"] > 0
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 * 260 + 4, 2 * 274 + 4)  # 3 samples -> 2 x 2 cells
+    # The same flags give the same files; another seed gives other samples.
+    assert _sample(*args, "--out", str(tmp_path / "b")) == 0
+    assert _sample(*args[:-1], "6", "--out", str(tmp_path / "c")) == 0
+    hashes = [[s["body_sha256"] for s in _summary(tmp_path / d)["samples"]] for d in "abc"]
+    assert hashes[0] == hashes[1] and len(set(hashes[0])) == 3
+    assert not set(hashes[2]) & set(hashes[0])
+    for i in range(3):
+        assert (tmp_path / "b" / f"sample-{i:04d}.jpg").read_bytes() == (out / f"sample-{i:04d}.jpg").read_bytes()
+
+
+def _top_rows_equal(a: Image.Image, b: Image.Image, rows: int) -> bool:
+    return a.crop((0, 0, 256, rows)).tobytes() == b.crop((0, 0, 256, rows)).tobytes()
+
+
+def test_completion_keeps_prompt_rows(random_checkpoint, photo_bodies, tmp_path):
+    from pipeline import codec
+    from pipeline.sample_images import photo_bytes
+
+    names = ["camera.jpg", "rocket.jpg"]
+    for n in names:
+        (tmp_path / n).write_bytes(photo_bytes(n))
+    out = tmp_path / "out"
+    ratio = 0.25  # n = 8 markers: the top 64 rows
+    assert _sample("--checkpoint", random_checkpoint, "--out", str(out), "--prompt", *[str(tmp_path / n) for n in names],
+                   "--ratio", str(ratio), "--num", "2", "--batch", "2", "--max-tokens", "2600", "--seed", "1") == 0
+    summary = _summary(out)
+    assert [s["prompt"] for s in summary["samples"]] == [str(tmp_path / n) for n in names for _ in range(2)]
+    for i, s in enumerate(summary["samples"]):
+        body = photo_bodies[os.path.basename(s["prompt"])]
+        prefix = codec.prompt_prefix(body, ratio)
+        jpeg = (out / s["file"]).read_bytes()
+        # Byte for byte: the repaired file is the prompt (tables spliced after SOI) followed by the model's bytes.
+        assert jpeg.startswith(codec.assemble(prefix)), s["file"]
+        assert len(jpeg) > len(codec.assemble(prefix)) + 2
+        original = Image.open(io.BytesIO(codec.assemble(body))).convert("RGB")
+        sample = Image.open(out / s["file"].replace(".jpg", ".png"))
+        # Pixels: the prompt's rows decode identically (the last row also depends on the next rows' chroma,
+        # which 4:2:0 upsampling interpolates).
+        assert _top_rows_equal(original, sample, 8 * int(32 * ratio) - 1)
+        assert not _top_rows_equal(original, sample, 256)
+    grid = Image.open(out / "grid.png")  # per prompt: prompt, 2 completions, original
+    assert grid.size == (4 * 260 + 4, 2 * 274 + 4)
+
+
+def test_hf_and_s3_checkpoints(random_checkpoint, tokenizer_file, tmp_path, s3_bucket):
+    from pipeline import storage
+    from trainer import hf
+    from trainer.pretrained import load_pretrained
+
+    model, meta = load_pretrained(random_checkpoint)
+    hf_dir = tmp_path / "hf"
+    hf.save_hf(model.state_dict(), model.cfg, str(hf_dir), tokenizer_file)
+    args = ["--num", "2", "--batch", "2", "--max-tokens", "64", "--seed", "3"]
+    assert _sample("--checkpoint", random_checkpoint, "--out", str(tmp_path / "ours"), *args) == 0
+    assert _sample("--checkpoint", str(hf_dir), "--out", str(tmp_path / "hf-out"), *args) == 0
+    uri = storage.join(s3_bucket, "exported")
+    for name in os.listdir(random_checkpoint):
+        storage.write_bytes(storage.join(uri, name), open(os.path.join(random_checkpoint, name), "rb").read())
+    assert _sample("--checkpoint", uri, "--out", str(tmp_path / "s3-out"), *args) == 0
+    assert _summary(tmp_path / "hf-out")["checkpoint_kind"] == "huggingface"
+    assert _summary(tmp_path / "s3-out")["checkpoint_kind"] == "jpeglm"
+    # Same weights, same seed: the same images whichever format they were loaded from.
+    for i in range(2):
+        ref = (tmp_path / "ours" / f"sample-{i:04d}.jpg").read_bytes()
+        assert (tmp_path / "hf-out" / f"sample-{i:04d}.jpg").read_bytes() == ref
+        assert (tmp_path / "s3-out" / f"sample-{i:04d}.jpg").read_bytes() == ref
+
+
+def test_bf16_path_runs_on_cpu(random_checkpoint, tmp_path):
+    assert _sample("--checkpoint", random_checkpoint, "--out", str(tmp_path), "--num", "2", "--max-tokens", "48",
+                   "--dtype", "bf16", "--device", "cpu") == 0
+    assert _summary(tmp_path)["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ratio", "0.01", "--prompt", "x.jpg"], "--ratio"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "0"], "--top-p"),
+        (["--num", "0"], "--num"),
+        (["--prompt", "/nonexistent/image.jpg"], "no such file"),
+    ],
+)
+def test_bad_flags_fail_with_a_message(random_checkpoint, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        _sample("--checkpoint", random_checkpoint, "--out", str(tmp_path), *extra)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_checkpoint_fails_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _sample("--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
+    assert e.value.code == 2
+    assert "nothing" in capsys.readouterr().err
