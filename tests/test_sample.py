@@ -322,3 +322,109 @@ def test_missing_checkpoint_fails_with_a_message(tmp_path, capsys):
         _sample("--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
     assert e.value.code == 2
     assert "nothing" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the whole loop
+
+
+@pytest.fixture(scope="module")
+def overfit_checkpoint(tmp_path_factory):
+    """One photo through the real pipeline (`jpeglm preprocess`: codec, BPE, packing, shards), a small model trained
+    on its packed row until it predicts every next token, exported as a Hugging Face Llama folder.
+
+    Training is a plain PyTorch loop on the shard's row (DeepSpeed training is covered by the trainer's tests;
+    `jpeglm train` would add ~10 s of process start-up per rank to an already ~40 s test)."""
+    import subprocess
+    import sys
+
+    from pipeline import packing, shards
+    from pipeline.sample_images import photo_bytes
+    from pipeline.tokenizer import Tokenizer
+    from trainer import hf
+    from trainer.model import cross_entropy_loss
+
+    root = tmp_path_factory.mktemp("overfit")
+    (root / "images").mkdir()
+    (root / "images" / "rocket.jpg").write_bytes(photo_bytes("rocket.jpg"))
+    pre = root / "preprocessed"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-m", "jpeglm", "preprocess", "--input", str(root / "images"), "--output",
+                           str(pre), "--bpe-sample", "1", "--seq-len", "4096", "--val-fraction", "0", "--num-cpus", "1"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((pre / "manifest.json").read_text())
+    tok = Tokenizer.load(str(pre / "tokenizer.model"))
+    rows = [(t, meta["images"]) for shard in manifest["shards"] for _, t, meta in shards.read_samples(str(pre / shard["path"]))]
+    assert len(rows) == 1 and len(rows[0][1]) == 1
+    body_tokens = packing.image_tokens(rows, rows[0][1][0]["id"]).tolist()
+    sequence = torch.tensor([[tok.bos_id] + body_tokens + [tok.eos_id]])
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=2, d_model=128, n_heads=4, ffn_dim=384, max_seq_len=4096)
+        model = Transformer(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+        for step in range(400):
+            logits = model(sequence[:, :-1])
+            loss = cross_entropy_loss(logits, sequence[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            # Every next token is the argmax by a margin that float differences between this full forward and
+            # KV-cache decoding cannot flip, so greedy decoding must retrace the image.
+            logits = logits.detach()
+            target = logits.gather(-1, sequence[:, 1:, None]).squeeze(-1)
+            runner_up = logits.scatter(-1, sequence[:, 1:, None], float("-inf")).max(-1).values
+            if float((target - runner_up).min()) > 1.0:
+                break
+        else:
+            pytest.fail(f"the model did not memorize the image in 400 steps (loss {loss.item():.3f})")
+        print(f"memorized {sequence.shape[1]} tokens in {step + 1} steps (loss {loss.item():.4f})")
+    finally:
+        torch.set_num_threads(before)
+    hf.save_hf(model.state_dict(), cfg, str(root / "hf"), str(pre / "tokenizer.model"), tokenizer_meta=tok.metadata())
+    return {"hf": str(root / "hf"), "image": str(root / "images" / "rocket.jpg"), "body_tokens": body_tokens,
+            "tokenizer": tok, "steps": step + 1}
+
+
+@pytest.mark.slow
+def test_overfit_model_reproduces_the_image_exactly(overfit_checkpoint, tmp_path):
+    from pipeline import codec
+    from pipeline.sample_images import photo_bytes
+
+    body = codec.canonicalize(photo_bytes("rocket.jpg"))
+    assert overfit_checkpoint["tokenizer"].decode(overfit_checkpoint["body_tokens"]) == body
+    out = tmp_path / "out"
+    assert _sample("--checkpoint", overfit_checkpoint["hf"], "--out", str(out), "--num", "2", "--batch", "2",
+                   "--temperature", "0") == 0
+    summary = _summary(out)
+    assert summary["checkpoint_kind"] == "huggingface"
+    for i, s in enumerate(summary["samples"]):
+        # Greedy from BOS retraces the canonical bytes and stops at their EOI; repair only splices the tables back.
+        assert (out / s["file"]).read_bytes() == codec.assemble(body)
+        assert s["stop"] == "eoi" and s["complete"] and s["new_tokens"] == len(overfit_checkpoint["body_tokens"])
+        original = Image.open(io.BytesIO(codec.assemble(body))).convert("RGB")
+        assert Image.open(out / f"sample-{i:04d}.png").tobytes() == original.tobytes()
+
+
+@pytest.mark.slow
+def test_overfit_model_completes_its_image(overfit_checkpoint, tmp_path):
+    from pipeline import codec
+    from pipeline.sample_images import photo_bytes
+
+    body = codec.canonicalize(photo_bytes("rocket.jpg"))
+    out = tmp_path / "out"
+    assert _sample("--checkpoint", overfit_checkpoint["hf"], "--out", str(out), "--prompt", overfit_checkpoint["image"],
+                   "--ratio", "0.375", "--num", "2", "--temperature", "0.5", "--seed", "0") == 0
+    prefix = codec.prompt_prefix(body, 0.375)
+    original = Image.open(io.BytesIO(codec.assemble(body))).convert("RGB")
+    for s in _summary(out)["samples"]:
+        assert s["prompt_tokens"] == 1 + len(overfit_checkpoint["tokenizer"].encode(prefix))
+        jpeg = (out / s["file"]).read_bytes()
+        assert jpeg.startswith(codec.assemble(prefix))
+        assert _top_rows_equal(original, Image.open(out / s["file"].replace(".jpg", ".png")), 8 * int(32 * 0.375) - 1)
+        # What follows is the model's: a trained model continues with valid entropy data, so the repaired file
+        # holds more than the prompt (a random model's junk is cut at its first invalid marker).
+        assert len(jpeg) > len(codec.assemble(prefix)) + 500
