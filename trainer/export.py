@@ -52,7 +52,7 @@ def consolidate(checkpoint_dir: str):
         wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
         raise ckpt.CheckpointError(f"{os.path.join(root, tag)} does not match its model config: missing {missing[:3]}, "
                                    f"unexpected {extra[:3]}, wrong shapes {wrong[:3]}")
-    state_dict = {k: v.float().contiguous() for k, v in state_dict.items()}
+    state_dict = {k: v.detach().float().contiguous() for k, v in state_dict.items()}
     tokenizer_path = os.path.join(root, tag, ckpt.TOKENIZER_FILE)
     if not os.path.isfile(tokenizer_path):
         tokenizer_path = None
