@@ -124,8 +124,9 @@ class Output:
         return "\n".join(lines)
 
     def stats_files(self) -> list[str]:
-        return [storage.join(self.uri, "stats", n) for n in storage.listdir(storage.join(self.uri, "stats"))
-                if n.endswith(".parquet")]
+        """In unit order (numeric: unit-1000000 comes after unit-999999)."""
+        names = [n for n in storage.listdir(storage.join(self.uri, "stats")) if re.fullmatch(r"unit-\d+\.parquet", n)]
+        return [storage.join(self.uri, "stats", n) for n in sorted(names, key=lambda n: int(n[5:-8]))]
 
     def _stats_rows(self) -> Iterator[dict]:
         from pipeline import stats

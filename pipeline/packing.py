@@ -71,13 +71,17 @@ def count_rows(total_tokens: int, seq_len: int, last_row: str = "pad") -> tuple[
     return full, 0, rest
 
 
-def row_spans(images: Sequence[ImageRef], row_start: int, row_end: int) -> tuple[Span, ...]:
+def row_spans(images: Sequence[ImageRef], row_start: int, row_end: int, first: int = 0) -> tuple[Span, ...]:
     """Spans of the images overlapping stream positions [row_start, row_end), relative to row_start.
-    `images` must be sorted by offset and may contain images outside the range."""
+    `images` must be sorted by offset and may contain images outside the range; the search starts at index
+    `first` (any image before it must end at or before row_start)."""
     spans = []
-    for im in images:
+    for k in range(first, len(images)):
+        im = images[k]
         im_end = im.offset + im.length
-        if im_end <= row_start or im.offset >= row_end:
+        if im.offset >= row_end:
+            break
+        if im_end <= row_start:
             continue
         spans.append(
             Span(
@@ -106,8 +110,11 @@ def rows_in_range(
     `stream` holds the stream's tokens from position `stream_offset` on, covering at least the valid part of those
     rows; `images` the images overlapping them (sorted by offset). The last row of the split is padded with pad_id.
     """
+    first = 0  # rows only move forward: skip the images that ended before the current row
     for r in range(first_row, first_row + num_rows):
         start, end = r * seq_len, min((r + 1) * seq_len, total_tokens)
+        while first < len(images) and images[first].offset + images[first].length <= start:
+            first += 1
         if start >= total_tokens:
             raise ValueError(f"row {r} starts at {start}, past the end of the stream ({total_tokens} tokens)")
         valid = end - start
@@ -116,7 +123,7 @@ def rows_in_range(
         if len(piece) != valid:
             raise ValueError(f"row {r} needs stream tokens [{start}, {end}) but the given slice is too short")
         tokens[:valid] = piece
-        yield Row(index=r, tokens=tokens, valid_tokens=valid, spans=row_spans(images, start, end))
+        yield Row(index=r, tokens=tokens, valid_tokens=valid, spans=row_spans(images, start, end, first))
 
 
 def pack(

@@ -98,17 +98,16 @@ def _fraction(text: str) -> float:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     io_ = parser.add_argument_group("inputs and output (local paths or s3://bucket/prefix; S3 endpoint and "
                                     "credentials from the AWS environment, e.g. AWS_ENDPOINT_URL)")
     io_.add_argument("--input", action="append", required=True, metavar="URI",
-                     help="a folder/prefix (walked recursively) or file: image files, WebDataset/img2dataset tars, "
+                     help="a folder/prefix (walked recursively) or a file: image files, WebDataset/img2dataset tars, "
                           "or Parquet files with an image column; repeat for several inputs")
     io_.add_argument("--output", required=True, metavar="URI",
                      help="output folder: manifest.json, tokenizer.model, shards/, stats/, summary.json")
     io_.add_argument("--image-column", default=None, metavar="NAME",
-                     help="Parquet column holding the image (a {bytes, path} struct, binary, or paths/URLs); "
-                          "default: a Hugging Face image struct, else a column named image/jpg/png/..., else path/url")
+                     help="Parquet column holding the images: a {bytes, path} struct, binary, or paths/URLs "
+                          "(default: a Hugging Face image struct, else a column named image/jpg/png/..., else path/url)")
     io_.add_argument("--overwrite", action="store_true",
                      help="replace an existing output made with another config or tokenizer (default: refuse)")
     io_.add_argument("--keep-work", action="store_true",
@@ -118,36 +117,40 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     tok.add_argument("--tokenizer", default=None, metavar="PATH",
                      help="reuse this SentencePiece tokenizer.model (local or s3://) instead of fitting one")
     tok.add_argument("--bpe-sample", type=_positive_int, default=DEFAULTS["bpe_sample"], metavar="N",
-                     help="images to fit the BPE tokenizer on, drawn deterministically across all inputs (paper: 10,000)")
-    tok.add_argument("--vocab-size", type=_positive_int, default=DEFAULTS["vocab_size"],
-                     help="BPE vocabulary size (paper: 320)")
+                     help="images to fit the BPE tokenizer on, drawn deterministically across all inputs "
+                          "(default: %(default)s, as in the paper)")
+    tok.add_argument("--vocab-size", type=_positive_int, default=DEFAULTS["vocab_size"], metavar="N",
+                     help="BPE vocabulary size (default: %(default)s, as in the paper)")
 
     pack = parser.add_argument_group("packing and shards")
-    pack.add_argument("--seq-len", type=_positive_int, default=DEFAULTS["seq_len"],
-                      help="tokens per row (training sequence length; paper: 12,288)")
+    pack.add_argument("--seq-len", type=_positive_int, default=DEFAULTS["seq_len"], metavar="N",
+                      help="tokens per row, the training sequence length (default: %(default)s, as in the paper)")
     pack.add_argument("--shard-size", type=parse_size, default=DEFAULTS["shard_size"], metavar="SIZE",
-                      help="target size of each tar shard: 4MB, 512MiB, 1GB or plain bytes")
-    pack.add_argument("--val-fraction", type=_fraction, default=DEFAULTS["val_fraction"],
-                      help="fraction of images in the validation split, chosen by a hash of the image id "
-                           "(stable across reruns)")
+                      help="target size of each tar shard: 4MB, 512MiB, 1GB or plain bytes (default: %(default)s)")
+    pack.add_argument("--val-fraction", type=_fraction, default=DEFAULTS["val_fraction"], metavar="F",
+                      help="fraction of images in the validation split, chosen by a hash of the image id, so "
+                           "stable across reruns (default: %(default)s)")
     pack.add_argument("--last-row", choices=("pad", "drop"), default=DEFAULTS["last_row"],
-                      help="each split's last partial row: pad it with EOS (masked by valid_tokens) or drop it")
+                      help="each split's last partial row: pad it with EOS (masked by valid_tokens) or drop it "
+                           "(default: %(default)s)")
 
     img = parser.add_argument_group("images")
-    img.add_argument("--min-side", type=int, default=DEFAULTS["min_side"],
-                     help="skip (as too_small) images whose shorter side is below this many pixels")
-    img.add_argument("--max-pixels", type=_positive_int, default=None,
-                     help="skip (as too_large) images with more pixels than this (default: the codec's, 8192x8192)")
+    img.add_argument("--min-side", type=int, default=DEFAULTS["min_side"], metavar="PX",
+                     help="count as too_small (and skip) images whose shorter side is below PX pixels "
+                          "(default: %(default)s, keep all)")
+    img.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N",
+                     help="count as too_large (and skip) images with more than N pixels (default: 8192x8192)")
 
     ray_ = parser.add_argument_group("Ray")
     ray_.add_argument("--address", default=None,
-                      help="Ray cluster address (RAY_ADDRESS also works); default: start a local Ray")
-    ray_.add_argument("--num-cpus", type=_positive_int, default=None,
-                      help="CPUs of the local Ray started here (default: all); ignored with --address")
-    ray_.add_argument("--images-per-unit", type=_positive_int, default=DEFAULTS["images_per_unit"],
-                      help="images per work unit (one Ray task; the unit of resume); a tar input is one unit")
-    ray_.add_argument("--max-in-flight", type=_positive_int, default=None,
-                      help="most tasks submitted at once (backpressure; default: 2 x cluster CPUs)")
+                      help="Ray cluster to run on (RAY_ADDRESS also works; default: start a local Ray)")
+    ray_.add_argument("--num-cpus", type=_positive_int, default=None, metavar="N",
+                      help="CPUs of the local Ray started here (default: all cores; ignored with --address)")
+    ray_.add_argument("--images-per-unit", type=_positive_int, default=DEFAULTS["images_per_unit"], metavar="N",
+                      help="images per work unit, one Ray task and the unit of resume; each tar input is one unit "
+                           "(default: %(default)s)")
+    ray_.add_argument("--max-in-flight", type=_positive_int, default=None, metavar="N",
+                      help="most tasks submitted at once, for backpressure (default: 2 x the cluster's CPUs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -188,9 +191,11 @@ def config_from_args(args: argparse.Namespace) -> dict:
     missing = [u for u in inputs if not storage.exists(u)]
     if missing:
         raise PreprocessError(f"input {missing[0]} does not exist")
-    if args.tokenizer is None and not 259 <= args.vocab_size <= 65536:
-        raise PreprocessError(f"--vocab-size must be in [259, 65536] (256 bytes + <unk>, <s>, </s>; uint16 ids), "
-                              f"got {args.vocab_size}")
+    from pipeline.tokenizer import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
+
+    if args.tokenizer is None and not MIN_VOCAB_SIZE <= args.vocab_size <= MAX_VOCAB_SIZE:
+        raise PreprocessError(f"--vocab-size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (256 bytes + <unk>, <s>, "
+                              f"</s>; uint16 token ids), got {args.vocab_size}")
     if args.min_side < 0:
         raise PreprocessError(f"--min-side must be >= 0, got {args.min_side}")
     if args.seq_len < 2:
@@ -568,10 +573,16 @@ class Job:
 
             cpus = float(ray.cluster_resources().get("CPU", 1))
             in_flight = max_in_flight or max(2, int(2 * cpus))
+            phases = {}
+            t = time.perf_counter()
             units = self._plan()
+            phases["plan"], t = time.perf_counter() - t, time.perf_counter()
             fingerprint, tok_meta = self._tokenizer_phase(units, in_flight)
+            phases["tokenizer"], t = time.perf_counter() - t, time.perf_counter()
             counts_by_unit, processed = self._encode_phase(units, fingerprint, in_flight)
+            phases["encode"], t = time.perf_counter() - t, time.perf_counter()
             manifest, shard_totals = self._shard_phase(counts_by_unit, tok_meta, in_flight)
+            phases["shards"] = time.perf_counter() - t
         finally:
             if started_ray:
                 import ray
@@ -590,6 +601,7 @@ class Job:
             padding_tokens=shard_totals["padding"], dropped_tokens=shard_totals["dropped"],
             wall_s=time.perf_counter() - start, images_this_run=processed, cpus=cpus,
         )
+        summary["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
         manifest["images"] = {"total": total.images, "ok": total.ok,
                               "failed": {k: v for k, v in total.status.items() if k != stats.OK}}
         storage.write_bytes(self.layout.summary, _pretty_json(summary))

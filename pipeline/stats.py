@@ -174,7 +174,7 @@ def format_summary(summary: dict) -> str:
         ("dropped_tokens", "dropped tokens"), ("rows", "rows"), ("shards", "shards"), ("shard_bytes", "shard bytes"),
         ("bytes_per_token", "JPEG bytes per token"), ("tokens_per_image", "tokens per image"),
         ("wall_time_s", "wall time (s)"), ("images_this_run", "images processed this run"), ("images_per_s", "images/s"),
-        ("cpus", "CPUs"), ("images_per_s_per_cpu", "images/s per CPU"),
+        ("cpus", "CPUs"), ("images_per_s_per_cpu", "images/s per CPU"), ("phase_seconds", "seconds by phase"),
     ]
     width = max(len(label) for _, label in labels)
     return "\n".join(f"{label:<{width}}  {fmt(summary.get(key))}" for key, label in labels if key in summary)
