@@ -385,7 +385,7 @@ def overfit_checkpoint(tmp_path_factory):
     finally:
         torch.set_num_threads(before)
     hf.save_hf(model.state_dict(), cfg, str(root / "hf"), str(pre / "tokenizer.model"), tokenizer_meta=tok.metadata())
-    return {"hf": str(root / "hf"), "image": str(root / "images" / "rocket.jpg"), "body_tokens": body_tokens,
+    return {"hf": str(root / "hf"), "preprocessed": str(pre), "image": str(root / "images" / "rocket.jpg"), "body_tokens": body_tokens,
             "tokenizer": tok, "steps": step + 1}
 
 
@@ -428,3 +428,28 @@ def test_overfit_model_completes_its_image(overfit_checkpoint, tmp_path):
         # What follows is the model's: a trained model continues with valid entropy data, so the repaired file
         # holds more than the prompt (a random model's junk is cut at its first invalid marker).
         assert len(jpeg) > len(codec.assemble(prefix)) + 500
+
+
+@pytest.mark.slow
+def test_training_run_dir_as_checkpoint(overfit_checkpoint, tmp_path):
+    """`--checkpoint RUN_DIR` consolidates the DeepSpeed checkpoint of a real `jpeglm train` run, and samples the same
+    bytes as its `jpeglm export --format hf` folder (same weights, same seed)."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jpeglm", "train", "--config", "tiny", "--data", overfit_checkpoint["preprocessed"],
+         "--run-dir", str(run), "train.max_steps=2", "train.seq_len=4096", "model.max_seq_len=4096",
+         "train.micro_batch_size=1", "train.global_batch_size=1", "checkpoint.every_steps=2", "eval.every_steps=2"],
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from jpeglm.cli import main
+
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    args = ["--num", "2", "--batch", "2", "--max-tokens", "300", "--seed", "4"]
+    assert _sample("--checkpoint", str(run), "--out", str(tmp_path / "from-run"), *args) == 0
+    assert _sample("--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "from-hf"), *args) == 0
+    from_run, from_hf = _summary(tmp_path / "from-run"), _summary(tmp_path / "from-hf")
+    assert (from_run["checkpoint_kind"], from_hf["checkpoint_kind"]) == ("training-run", "huggingface")
+    assert [s["body_sha256"] for s in from_run["samples"]] == [s["body_sha256"] for s in from_hf["samples"]]
