@@ -311,3 +311,29 @@ def test_tiny_model_learns_below_the_unigram_entropy(dataset, tmp_path):
         summary = json.load(f)
     assert summary["validation_loss"] == val[-1]["loss"]
     assert os.path.getsize(os.path.join(run_dir, "loss.png")) > 1000
+
+
+def test_resuming_onto_data_of_another_tokenizer_is_refused(reference, uneven, tmp_path, capsys):
+    """The run's tokenizer fingerprint is in its checkpoints: the same token ids from another tokenizer would be
+    other bytes. Refused before any process starts, and the run dir is left as it was."""
+    from jpeglm.cli import main
+    from pipeline.tokenizer import Tokenizer
+
+    other = tmp_path / "retokenized"
+    other.mkdir()
+    os.symlink(os.path.join(uneven, "shards"), other / "shards")
+    tokenizer = Tokenizer.train([bytes(np.random.default_rng(i).integers(0, 256, 3000, dtype=np.uint8)) for i in range(20)])
+    tokenizer.save(str(other / "tokenizer.model"))
+    with open(os.path.join(uneven, "manifest.json")) as f:
+        manifest = json.load(f)
+    manifest["tokenizer"]["fingerprint"] = tokenizer.fingerprint
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    before = sorted(os.listdir(reference)), open(os.path.join(reference, "attempts.jsonl")).read()
+
+    assert main(["train", "--config", "tiny", "--data", str(other), "--run-dir", reference, *RESUME]) == 2
+    err = capsys.readouterr().err
+    run_fp = Manifest.load(uneven).fingerprint
+    assert "refusing to resume" in err and run_fp[:12] in err and tokenizer.fingerprint[:12] in err
+    assert main(["train", "--config", "tiny", "--data", uneven, "--run-dir", reference, *RESUME, "model.n_layers=3"]) == 2
+    assert "model config differs" in capsys.readouterr().err
+    assert (sorted(os.listdir(reference)), open(os.path.join(reference, "attempts.jsonl")).read()) == before

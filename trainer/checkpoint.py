@@ -119,6 +119,11 @@ def save(engine, root: str, step: int, client_state: dict, state: dict, keep_las
     import torch.distributed as dist
 
     tag = tag_for(step)
+    if dist.get_rank() == 0 and os.path.isdir(os.path.join(root, tag)):
+        # Left by an attempt that crashed mid-save (or a replayed step): stale shards of another world size
+        # must not mix with the new ones.
+        shutil.rmtree(os.path.join(root, tag))
+    dist.barrier()
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
     if dist.get_rank() == 0:

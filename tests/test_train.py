@@ -1,0 +1,188 @@
+"""`jpeglm train` without launching it: config + overrides, the DeepSpeed config, the LR schedule, checkpoint
+bookkeeping (latest / keep-K / incomplete saves), metrics and plots. The DeepSpeed runs are in
+test_train_distributed.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from jpeglm import plots
+from jpeglm.cli import main
+from trainer import checkpoint as ckpt
+from trainer import metrics
+from trainer.ds_config import PRESETS, ConfigError, deepspeed_config, gradient_accumulation_steps, load_config
+from trainer.model import ModelConfig
+from trainer.train import lr_at, micro_batch_seed
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_load_and_describe_real_models(preset):
+    cfg = load_config(preset)
+    model = ModelConfig.from_dict(cfg["model"])
+    assert cfg["train"]["seq_len"] <= model.max_seq_len
+    expected_params = {"7b": 6.48e9, "1b": 1.21e9, "150m": 1.54e8, "tiny": 8.0e5}[preset]
+    assert model.num_params() == pytest.approx(expected_params, rel=0.01)
+    if preset != "tiny":
+        assert cfg["train"]["seq_len"] == 12288 and cfg["train"]["precision"] == "bf16"
+    if preset == "7b":
+        assert (model.n_layers, model.d_model, model.n_heads, model.ffn_dim) == (32, 4096, 32, 11008)
+
+
+def test_overrides_are_typed_and_typos_rejected():
+    cfg = load_config("tiny", ["optimizer.lr=1e-3", "model.n_kv_heads=2", "zero.reduce_bucket_size=5.0e+7",
+                               "log.peak_tflops=989", "train.precision=bf16"])
+    assert cfg["optimizer"]["lr"] == 1e-3 and isinstance(cfg["optimizer"]["lr"], float)  # YAML reads 1e-3 as a string
+    assert cfg["model"]["n_kv_heads"] == 2 and cfg["zero"]["reduce_bucket_size"] == 50_000_000
+    assert cfg["log"]["peak_tflops"] == 989.0 and cfg["train"]["precision"] == "bf16"
+    bad = {
+        "model.n_layerz=2": "unknown key 'model.n_layerz'",
+        "modle.n_layers=2": "unknown section 'modle'",
+        "optimizer.lr=fast": "optimizer.lr must be a float",
+        "train.max_steps=1.5": "train.max_steps must be a int",
+        "zero.init=yes please": "zero.init must be a bool",
+        "train.precision=fp16": "train.precision='fp16' is not one of",
+        "train.seq_len=4096": "exceeds model.max_seq_len=1024",
+        "train.global_batch_size=6": "not a multiple of train.micro_batch_size=4",
+        "model.n_heads=3": "divisible by n_heads",
+        "lr": "not of the form section.key=value",
+        "train.device=": "needs a value",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+            load_config("tiny", [override])
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_config("13b")
+
+
+def test_cli_refuses_bad_overrides_before_touching_anything(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    rc = main(["train", "--config", "tiny", "--data", str(tmp_path / "nothing"), "--run-dir", str(run_dir),
+               "model.n_layerz=2"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "jpeglm train: error:" in err and "model.n_layerz" in err and "n_layers" in err
+    assert not run_dir.exists()
+    # Data problems are reported the same way, also before any process group exists.
+    rc = main(["train", "--config", "tiny", "--data", str(tmp_path / "nothing"), "--run-dir", str(run_dir)])
+    assert rc == 2 and "no manifest.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--config", "tiny"])  # missing --data / --run-dir: argparse's usage error
+
+
+def test_deepspeed_config_keeps_the_global_batch_on_any_world_size():
+    cfg = load_config("7b")
+    for world, gas in [(1, 256), (8, 32), (64, 4), (256, 1)]:
+        ds = deepspeed_config(cfg, world)
+        assert ds["gradient_accumulation_steps"] == gas
+        assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * gas * world == 256
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0
+    assert "optimizer" not in ds and "scheduler" not in ds  # client torch AdamW; the LR is set per step
+    assert deepspeed_config(cfg, 8, load_universal=True)["checkpoint"] == {"load_universal": True}
+    with pytest.raises(ConfigError, match="not divisible by micro_batch_size x processes"):
+        gradient_accumulation_steps(cfg, 3)
+    assert deepspeed_config(load_config("tiny"), 2)["bf16"]["enabled"] is False
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine():
+    o = {"lr": 1e-3, "warmup_steps": 10, "min_lr_ratio": 0.1}
+    lrs = [lr_at(s, o, 110) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # never 0, peak at the end of warmup
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(60, o, 110) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # halfway through the cosine
+    assert lr_at(110, o, 110) == pytest.approx(1e-4) and lr_at(500, o, 110) == pytest.approx(1e-4)
+
+
+def test_micro_batch_seeds_depend_on_the_position_only():
+    seeds = {micro_batch_seed(1234, p) for p in range(1000)}
+    assert len(seeds) == 1000 and all(0 <= s < 2**63 for s in seeds)
+    assert micro_batch_seed(1234, 8) == micro_batch_seed(1234, 8) != micro_batch_seed(1235, 8)
+
+
+def _fake_checkpoint(root: str, step: int, complete: bool = True) -> None:
+    d = os.path.join(root, ckpt.tag_for(step))
+    os.makedirs(d)
+    with open(os.path.join(d, "zero_pp_rank_0_mp_rank_00_model_states.pt"), "wb") as f:
+        f.write(b"x")
+    if complete:
+        with open(os.path.join(d, ckpt.STATE_FILE), "w") as f:
+            json.dump({"step": step}, f)
+
+
+def test_latest_ignores_incomplete_saves_and_prune_keeps_k(tmp_path):
+    run = tmp_path / "run"
+    root = ckpt.checkpoints_dir(str(run))
+    assert ckpt.find_resume("auto", str(run)) is None and ckpt.find_resume("none", str(run)) is None
+    for step in (2, 4, 6, 8):
+        _fake_checkpoint(root, step)
+    _fake_checkpoint(root, 3, complete=False)  # a crash mid-save, older than the newest
+    _fake_checkpoint(root, 10, complete=False)  # a crash mid-save of the newest: must not be resumed from
+    os.makedirs(os.path.join(root, "global_step4_universal"))
+    with open(os.path.join(root, ckpt.LATEST), "w") as f:
+        f.write("global_step10")  # e.g. written by another tool before the save completed
+    assert ckpt.latest_tag(root) == "global_step8"
+    assert ckpt.find_resume("auto", str(run)) == (root, "global_step8")
+    with pytest.raises(ckpt.CheckpointError, match="already has checkpoints"):
+        ckpt.find_resume("none", str(run))
+    assert ckpt.resolve(os.path.join(root, "global_step4")) == (root, "global_step4")
+    with pytest.raises(ckpt.CheckpointError, match="incomplete checkpoint"):
+        ckpt.resolve(os.path.join(root, "global_step10"))
+    removed = ckpt.prune(root, keep_last=2)
+    assert removed == ["global_step2", "global_step3", "global_step4", "global_step4_universal"]
+    # The newest incomplete folder stays until a later save passes it (a re-save of its step replaces it).
+    assert sorted(os.listdir(root)) == ["global_step10", "global_step6", "global_step8", ckpt.LATEST]
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        ckpt.resolve(str(tmp_path / "elsewhere"))
+
+
+def test_metrics_formulas_and_sinks(tmp_path):
+    # 1000 tokens at ln(2) nats each spelling 1000 bytes = 1 bit per byte; at 2 bytes per token, half that.
+    assert metrics.bits_per_byte(1000 * math.log(2), 1000) == pytest.approx(1.0)
+    assert metrics.bits_per_byte(1000 * math.log(2), 2000) == pytest.approx(0.5)
+    assert metrics.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert metrics.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert metrics.peak_tflops("NVIDIA H200") == 989.0 and metrics.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert metrics.peak_tflops("NVIDIA H100 80GB HBM3", override=500) == 500.0
+    assert metrics.peak_tflops(None) is None and metrics.peak_tflops("NVIDIA L4") is None
+    t = metrics.throughput(tokens=17_000, seconds=1.0, flops_per_token=58.2e9, devices=1, peak=989.0)
+    assert t["tflops_per_device"] == pytest.approx(989.4) and t["mfu"] == pytest.approx(1.0, abs=0.001)
+    assert metrics.throughput(100, 1.0, 1e9, 2, None)["mfu"] is None
+
+    logger = metrics.MetricsLogger(str(tmp_path), enabled=True, total_steps=3, initial_step=0)
+    for step in (1, 2, 2, 3):  # step 2 twice: a resumed run replays steps after its checkpoint
+        logger.log({"step": step, "loss": float(step) * (1.5 if step == 2 else 1)})
+    logger.log({"step": 3, "loss": 0.5}, prefix="validation")
+    logger.close()
+    records = metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    assert [(r["kind"], r["step"], r["loss"]) for r in records] == [
+        ("train", 1, 1.0), ("train", 2, 3.0), ("train", 3, 3.0), ("validation", 3, 0.5)]
+    events = os.listdir(tmp_path / "tensorboard")
+    assert len(events) == 1 and os.path.getsize(tmp_path / "tensorboard" / events[0]) > 0
+    quiet = metrics.MetricsLogger(str(tmp_path / "rank1"), enabled=False, total_steps=3, initial_step=0)
+    quiet.log({"step": 1, "loss": 1.0})
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_line_plot_draws_each_series(tmp_path):
+    from PIL import Image
+
+    xs = list(range(100))
+    path = plots.line_plot({"train": (xs, [5 - x / 50 for x in xs]), "validation": ([20, 60, 99], [4.7, 3.9, 3.1])},
+                           str(tmp_path / "loss.png"), title="loss", xlabel="step", ylabel="nats")
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape == (540, 960, 3)
+
+    def pixels(hex_color: str) -> int:
+        rgb = tuple(int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
+        return int((img == rgb).all(axis=-1).sum())
+
+    assert pixels(plots.COLORS[0]) > 500 and pixels(plots.COLORS[1]) > 50  # the line, the dots and legend swatches
+    assert plots.nice_ticks(0, 99) == [0, 20, 40, 60, 80]
+    assert plots.nice_ticks(3.1, 5.0) == [3.5, 4.0, 4.5, 5.0]
+    hist = plots.histogram(np.random.default_rng(0).normal(size=1000), str(tmp_path / "h.png"), bins=20)
+    assert os.path.getsize(hist) > 1000
