@@ -317,11 +317,16 @@ def test_bad_flags_fail_with_a_message(random_checkpoint, tmp_path, capsys, extr
     assert message in capsys.readouterr().err
 
 
-def test_missing_checkpoint_fails_with_a_message(tmp_path, capsys):
+def test_missing_or_unknown_checkpoint_fails_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _sample("--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
     assert e.value.code == 2
-    assert "nothing" in capsys.readouterr().err
+    assert "nothing: no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        _sample("--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
+    assert e.value.code == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- the whole loop

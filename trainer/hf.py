@@ -308,15 +308,19 @@ def _write_json(path: str, obj) -> None:
 # ---------------------------------------------------------------------------------------------- load
 
 
+def is_llama_config(d: dict) -> bool:
+    """Whether a config.json is a Hugging Face Llama model's (our own exported format has "format": "jpeglm")."""
+    return d.get("format") != "jpeglm" and (d.get("model_type") == "llama" or "LlamaForCausalLM" in (d.get("architectures") or []))
+
+
 def is_hf_dir(path: str) -> bool:
-    """A local folder with a Llama config.json (not our own exported format) and weights."""
+    """A local folder with a Llama config.json and weights."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         return False
     with open(cfg_path) as f:
-        d = json.load(f)
-    if d.get("format") == "jpeglm" or (d.get("model_type") != "llama" and "LlamaForCausalLM" not in (d.get("architectures") or [])):
-        return False
+        if not is_llama_config(json.load(f)):
+            return False
     return any(os.path.isfile(os.path.join(path, n)) for n in _WEIGHT_FILES)
 
 
@@ -411,14 +415,14 @@ def load_hf_local(path: str, device: str | torch.device = "cpu", dtype: torch.dt
 
 
 def load_hf(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, dict]:
-    """Like load_hf_local, for a local folder or an s3:// prefix. For s3:// the tokenizer is copied into memory
-    (info["tokenizer_bytes"]) since the temporary copy is gone when this returns."""
+    """Like load_hf_local, for a local folder or an s3:// prefix (copied to a temporary folder first). For s3://,
+    info["tokenizer_path"] is the tokenizer's s3:// URI (pipeline.tokenizer.Tokenizer.load reads it)."""
+    from pipeline import storage
+
     with local_dir(uri) as path:
         if not is_hf_dir(path):
             raise ValueError(f"{uri} is not a Hugging Face Llama checkpoint (expected config.json with model_type 'llama' and weights)")
         model, info = load_hf_local(path, device, dtype)
         if info["tokenizer_path"] and path != uri:
-            with open(info["tokenizer_path"], "rb") as f:
-                info["tokenizer_bytes"] = f.read()
-            info["tokenizer_path"] = None
+            info["tokenizer_path"] = storage.join(uri, "tokenizer.model")
     return model, info

@@ -262,13 +262,13 @@ def load_checkpoint(uri: str, device: torch.device, dtype: torch.dtype, tokenize
         if config is not None and config.get("format") == pretrained.FORMAT:
             kind = "jpeglm"
             path = stack.enter_context(hf.local_dir(uri))
-            model, _ = pretrained.load_pretrained(path, device=device, dtype=dtype)
-            tok_path = os.path.join(path, "tokenizer.model")
-        elif config is not None and (config.get("model_type") == "llama" or "LlamaForCausalLM" in (config.get("architectures") or [])):
+            model, meta = pretrained.load_pretrained(path, device=device, dtype=dtype)
+            tok_path, tok_meta = os.path.join(path, "tokenizer.model"), meta.get("tokenizer") or {}
+        elif config is not None and hf.is_llama_config(config):
             kind = "huggingface"
             path = stack.enter_context(hf.local_dir(uri))
             model, info = hf.load_hf_local(path, device=device, dtype=dtype)
-            tok_path = info["tokenizer_path"]
+            tok_path, tok_meta = info["tokenizer_path"], (config.get("jpeglm") or {}).get("tokenizer") or {}
         else:
             kind = "training-run"
             try:
@@ -276,39 +276,27 @@ def load_checkpoint(uri: str, device: torch.device, dtype: torch.dtype, tokenize
             except ImportError as e:
                 raise SampleError(f"--checkpoint {uri}: not an exported or Hugging Face folder, and training runs "
                                   f"cannot be read here ({e})") from None
-            state, cfg, tok_path, _ = consolidate(uri)
+            state, cfg, tok_path, meta = consolidate(uri)
+            tok_meta = meta.get("tokenizer") or {}
             with torch.device("meta"):
                 model = Transformer(cfg)
             model.load_state_dict(state, strict=True, assign=True)
-            model = model.to(device=device, dtype=dtype).eval()
-        log.info("checkpoint %s: %s model, %.1fM parameters (%s)", uri, kind, sum(p.numel() for p in model.parameters()) / 1e6,
-                 {"jpeglm": "exported folder", "huggingface": "Hugging Face Llama folder",
-                  "training-run": "DeepSpeed checkpoint, consolidated"}[kind])
+        log.info("checkpoint %s: %s, %.1fM parameters", uri,
+                 {"jpeglm": "exported jpeglm folder", "huggingface": "Hugging Face Llama folder",
+                  "training-run": "training run (DeepSpeed checkpoint, consolidated)"}[kind],
+                 sum(p.numel() for p in model.parameters()) / 1e6)
         tok_path = tokenizer_uri or tok_path
         if not tok_path:
-            raise ValueError(f"{uri}: no tokenizer.model found; pass --tokenizer PATH")
-        if storage.is_remote(tok_path):
-            local = os.path.join(stack.enter_context(_tempdir()), "tokenizer.model")
-            with open(local, "wb") as f:
-                f.write(storage.read_bytes(tok_path))
-            tok_path = local
-        tokenizer = Tokenizer.load(tok_path)
+            raise SampleError(f"{uri}: no tokenizer.model found; pass --tokenizer PATH")
+        tokenizer = Tokenizer.load(tok_path)  # read into memory: the temporary copy may go now
+    expected = tok_meta.get("fingerprint")
+    if expected and expected != tokenizer.fingerprint:
+        log.warning("tokenizer %s is not the one the model was trained with (fingerprint %s, expected %s): "
+                    "samples will be garbage unless the two are equivalent", tok_path, tokenizer.fingerprint[:12], expected[:12])
     model = model.to(device=device, dtype=dtype).eval()
     if tokenizer.vocab_size != model.cfg.vocab_size:
-        raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {model.cfg.vocab_size}")
+        raise SampleError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {model.cfg.vocab_size}")
     return LoadedModel(model, tokenizer, kind, uri)
-
-
-@contextlib.contextmanager
-def _tempdir():
-    import shutil
-    import tempfile
-
-    d = tempfile.mkdtemp(prefix="jpeglm-sample-")
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def token_bytes_table(tokenizer) -> list[bytes]:
@@ -388,6 +376,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's (local or s3://)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default auto)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="weights/activations dtype (default: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: torch's choice; 1 is often faster for small models on busy machines)")
 
 
 def _check_args(parser_error, args) -> None:
@@ -395,6 +385,8 @@ def _check_args(parser_error, args) -> None:
         parser_error("--num must be positive")
     if args.batch <= 0:
         parser_error("--batch must be positive")
+    if args.threads is not None and args.threads <= 0:
+        parser_error("--threads must be positive")
     if args.max_tokens < 2:
         parser_error("--max-tokens must be at least 2")
     if args.prompt and not 0 < args.ratio < 1:
@@ -434,6 +426,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         fail(str(e))
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         loaded = load_checkpoint(args.checkpoint, device, dtype, args.tokenizer)
         summary = sample_to_folder(args, loaded, device)
