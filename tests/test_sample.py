@@ -458,3 +458,22 @@ def test_training_run_dir_as_checkpoint(overfit_checkpoint, tmp_path):
     from_run, from_hf = _summary(tmp_path / "from-run"), _summary(tmp_path / "from-hf")
     assert (from_run["checkpoint_kind"], from_hf["checkpoint_kind"]) == ("training-run", "huggingface")
     assert [s["body_sha256"] for s in from_run["samples"]] == [s["body_sha256"] for s in from_hf["samples"]]
+
+
+def test_bench_sample_runs_with_small_shapes(tmp_path):
+    """bench/bench_sample.py end to end on tiny shapes, in bf16 (the dtype of its GPU path)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_sample.py")
+    spec = importlib.util.spec_from_file_location("bench_sample", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "sample.json"
+    assert bench.main(["--out", str(out), "--presets", "tiny", "--dtype", "bf16", "--batch", "2", "--new-tokens", "8",
+                       "--window", "4", "--repeat", "2", "--tokens-per-image", "64", "--full-image"]) == 0
+    result = json.loads(out.read_text())
+    assert result["dtype"] == "bfloat16" and result["torch_threads"] == 1
+    tiny = result["presets"]["tiny"]
+    assert tiny["kv_vs_recompute"]["new_tokens_from_bos"] == 8 and tiny["kv_vs_recompute"]["speedup"] > 0
+    assert set(tiny["images_per_min"]) == {"1", "2"} and tiny["images_per_min"]["2"]["context"] == 32
+    assert set(tiny["full_image_measured"]) == {"1", "2"}
