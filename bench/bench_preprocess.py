@@ -147,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"Ray efficiency {efficiency:.0%} (passes {', '.join(f'{p['efficiency']:.0%}' for p in passes)}; target "
-          f"{TARGET_EFFICIENCY:.0%}): median pass {median['job_images_per_s']:.0f} images/s on {cpus} CPUs vs "
-          f"{median['baseline_images_per_s']:.0f} images/s per core without Ray; cold full job {cold_seconds:.1f} s. "
-          f"Wrote {args.out}")
+    spread = ", ".join(f"{p['efficiency']:.0%}" for p in passes)
+    print(f"Ray efficiency {efficiency:.0%} (passes: {spread}; target {TARGET_EFFICIENCY:.0%}): median pass "
+          f"{median['job_images_per_s']:.0f} images/s on {cpus} CPUs vs {median['baseline_images_per_s']:.0f} images/s "
+          f"per core without Ray; cold full job {cold_seconds:.1f} s. Wrote {args.out}")
     return 0
 
 
