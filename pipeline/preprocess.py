@@ -166,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
 
     print(format_summary(summary))
     print(f"\noutput: {job.output}\n  see it with: jpeglm inspect {job.output}")
+    if summary.get("images_ok") == 0:
+        print("jpeglm preprocess: error: no image could be used (see the failures with: "
+              f"jpeglm inspect {job.output} --failed 20)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -835,11 +839,17 @@ def run_bounded(submissions: Iterable[tuple[object, Callable]], max_in_flight: i
     """Run (key, submit) pairs with at most max_in_flight tasks pending, with a progress bar; {key: result}."""
     from tqdm import tqdm
 
-    results = {}
+    import ray
+
+    results: dict = {}
     with tqdm(total=total, desc=desc, unit="task", disable=total == 0, file=sys.stderr, dynamic_ncols=True) as bar:
-        for key, result in bounded(submissions, max_in_flight):
-            results[key] = result
-            bar.update(1)
+        try:
+            for key, result in bounded(submissions, max_in_flight):
+                results[key] = result
+                bar.update(1)
+        except ray.exceptions.RayError as e:
+            raise PreprocessError(f"{desc}: a task failed {TASK_RETRIES + 1} times; finished work is kept, so rerunning "
+                                  f"the same command resumes. Last error: {e}") from e
     return results
 
 

@@ -515,3 +515,25 @@ def test_bounded_never_has_more_than_max_in_flight_pending(ray_cluster):
         assert result == preprocess.split_of(f"id-{key}", 0.5)
     assert sorted(finished) == list(range(12))
     assert max(high_water) == 3
+
+
+def test_a_task_failing_every_retry_stops_the_job_with_a_resume_hint(ray_cluster):
+    task = preprocess._remote(preprocess.split_of)
+    with pytest.raises(preprocess.PreprocessError, match="failed 4 times.*rerunning the same command resumes"):
+        preprocess.run_bounded([("bad", lambda: task.remote(None, 0.5))], 2, 1, "encode (units)")
+
+
+def test_only_bad_images_is_an_error_but_the_stats_are_written(ray_cluster, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "in" / "b.png").write_bytes(b"")
+    from pipeline.tokenizer import Tokenizer
+
+    tok = tmp_path / "tok.model"
+    Tokenizer.train([bytes(range(256)) * 4], vocab_size=270).save(str(tok))
+    out = str(tmp_path / "out")
+    assert _run(str(tmp_path / "in"), out, "--tokenizer", str(tok), expect=1) == 1
+    assert "no image could be used" in capsys.readouterr().err
+    manifest = json.loads(Path(out, "manifest.json").read_text())
+    assert manifest["shards"] == [] and manifest["images"] == {"total": 2, "ok": 0,
+                                                               "failed": {"empty": 1, "not_an_image": 1}}
