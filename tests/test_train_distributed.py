@@ -3,7 +3,8 @@
 
   reference   30 steps uninterrupted, checkpoint every 4        (uneven shards; ZeRO-3 init; the baseline)
   killed      SIGKILL of every process after step 6, then --resume auto          == reference, bitwise
-  preempted   SIGTERM to torchrun after step 5 (checkpoint only on the signal), resumed on ONE process
+  preempted   SIGTERM to torchrun after step 5 (checkpoint only on the signal), resumed on ONE process with
+              activation checkpointing                                            == reference, bitwise
   learning    150 steps of a small model on the full dataset; validation loss vs the unigram entropy
 """
 
@@ -183,9 +184,10 @@ def preempted(uneven, tmp_path_factory) -> tuple[str, int, str]:
     assert rc != 0, out[-3000:]  # a preempted run must not look like a finished one to the scheduler
     stopped_at = ckpt.step_of(ckpt.latest_tag(ckpt.checkpoints_dir(run_dir)) or "")
     assert stopped_at is not None, f"no checkpoint after SIGTERM:\n{out[-5000:]}"
-    # Resume on ONE plain process (no launcher): a universal checkpoint conversion, then the same order.
+    # Resume on ONE plain process (no launcher): a universal checkpoint conversion, then the same order. With
+    # activation checkpointing on, which must not change a bit (recomputation under ZeRO-3 re-gathers the weights).
     resumed = run_to_end([sys.executable, "-m", "trainer.train", "--config", "tiny", "--data", uneven, "--run-dir",
-                          run_dir, *no_periodic])
+                          run_dir, *no_periodic, "model.activation_checkpointing=1"])
     return run_dir, stopped_at, out + resumed.stdout
 
 

@@ -136,8 +136,10 @@ def check_resume_state(state: dict, cfg: dict, manifest: Manifest, order_fingerp
             f"{manifest.root} was made with tokenizer {ours[:12]}. Token ids would mean different bytes; "
             "use data preprocessed with the run's tokenizer (preprocess --tokenizer RUN/tokenizer.model) or a new --run-dir"
         )
-    if state["config"]["model"] != cfg["model"]:
-        diff = {k: (state["config"]["model"].get(k), v) for k, v in cfg["model"].items() if state["config"]["model"].get(k) != v}
+    # Activation checkpointing only trades memory for recomputation (same math): it may change between attempts.
+    diff = {k: (state["config"]["model"].get(k), v) for k, v in cfg["model"].items()
+            if state["config"]["model"].get(k) != v and k != "activation_checkpointing"}
+    if diff:
         raise ckpt.CheckpointError(f"refusing to resume {where}: model config differs (checkpoint, now): {diff}")
     if state["data"]["order_fingerprint"] != order_fingerprint:
         raise ckpt.CheckpointError(
@@ -162,7 +164,7 @@ def _read_tokenizer(manifest: Manifest):
     return model_bytes, tokenizer
 
 
-def _single_process_env() -> None:
+def single_process_env() -> None:
     """Without a launcher, run as a one-process world (DeepSpeed would otherwise try MPI discovery)."""
     if "RANK" in os.environ:
         return
@@ -173,7 +175,7 @@ def _single_process_env() -> None:
                       MASTER_PORT=str(port))
 
 
-def _skip_shm_comm_op() -> None:
+def skip_shm_comm_op() -> None:
     """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (~35 s) at init_distributed. Only
     inference tensor parallelism uses it (inference_all_reduce); training collectives go through gloo. Marking it
     incompatible makes build_shm_op() return None, so init takes ~0.1 s."""
@@ -212,9 +214,9 @@ def setup(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> Context:
     from trainer.metrics import MetricsLogger, peak_tflops
     from trainer.model import ModelConfig, Transformer
 
-    _single_process_env()
+    single_process_env()
     if device == "cpu":
-        _skip_shm_comm_op()
+        skip_shm_comm_op()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed 0.19 calls torch.distributed's deprecated *_tensor collectives: one warning per call.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
@@ -242,7 +244,7 @@ def setup(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> Context:
         # Transformer initializes through self.apply, which zero.Init intercepts: each partitioned parameter is
         # gathered, initialized and re-partitioned (tests/test_train_distributed.py checks the statistics).
         model = Transformer(model_cfg)
-    groups, weight_decays = _param_groups(model, cfg["optimizer"]["weight_decay"])
+    groups, weight_decays = param_groups(model, cfg["optimizer"]["weight_decay"])
     o = cfg["optimizer"]
     optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
                                   fused=True if device == "cuda" else None)
@@ -298,7 +300,7 @@ def micro_batch_seed(seed: int, position: int) -> int:
     return int(np.random.SeedSequence([seed, position]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def _param_groups(model, weight_decay: float) -> tuple[list[dict], list[float]]:
+def param_groups(model, weight_decay: float) -> tuple[list[dict], list[float]]:
     """Weight decay on matrices (linear and embedding weights), none on RMSNorm gains. Under zero.Init parameters
     are partitioned and report dim() == 1, so the shape comes from p.ds_shape."""
     decay, no_decay = [], []
