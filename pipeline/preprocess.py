@@ -346,6 +346,9 @@ def bpe_sample_task(output: str, index: int, take: int, config: dict) -> int:
     _maybe_fault(layout, "bpe", index)
     unit = json.loads(storage.read_bytes(layout.unit(index)))
     chosen = sample_positions(unit_size(unit), take)
+    if unit["kind"] == "files":  # read only the chosen files
+        unit = {**unit, "entries": [e for i, e in enumerate(unit["entries"]) if i in chosen]}
+        chosen = len(unit["entries"])
     out = io.BytesIO()
     count = 0
     for pos, src in enumerate(sources.read_unit(unit)):
@@ -659,8 +662,8 @@ class Job:
             return plan["unit_sizes"]
         counts = sources.PlanCounts()
         sizes: list[int | None] = []
-        listing = sources.plan_units([sources.Input(u, p) for u, p in _id_prefixes(self.config["inputs"])],
-                                     self.config["images_per_unit"], self.config["image_column"], counts)
+        listing = sources.plan_units(sources.resolve_inputs(self.config["inputs"]), self.config["images_per_unit"],
+                                     self.config["image_column"], counts)
         t0 = time.perf_counter()
         try:
             for i, unit in enumerate(listing):
@@ -775,12 +778,6 @@ class Job:
             "stats": {"path": "stats/", "files": len(counts_by_unit)},
         }
         return manifest, {"padding": padding_all, "dropped": dropped_all}
-
-
-def _id_prefixes(inputs: list[str]) -> list[tuple[str, str]]:
-    from pipeline import sources
-
-    return [(i.uri, i.id_prefix) for i in sources.resolve_inputs(inputs)]
 
 
 def _config_difference(old: dict, new: dict) -> str:

@@ -449,7 +449,7 @@ def test_transient_s3_errors_are_retried(clean_local, mixed_inputs, s3_endpoint,
     for path in sorted(root.rglob("*")):
         if path.is_file():
             storage.write_bytes(f"{s3_bucket}/in/{path.relative_to(root)}", path.read_bytes())
-    proxy = _FlakyS3Proxy(s3_endpoint, every=15)
+    proxy = _FlakyS3Proxy(s3_endpoint, every=20)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
         endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
