@@ -620,3 +620,13 @@ def test_repair_of_random_header_damage(body, photo):
         for _ in range(rng.randrange(1, 6)):
             d[rng.randrange(700)] = rng.randrange(256)
         _assert_well_formed(codec.repair(bytes(d)))
+
+
+def test_bad_arguments_are_programming_errors_not_codec_errors(body):
+    data = photo_bytes("rocket.jpg")
+    for kwargs in ({"size": 0}, {"quality": 0}, {"quality": 101}):
+        with pytest.raises(ValueError):
+            codec.canonicalize(data, **kwargs)
+    small = codec.canonicalize(data, size=64, quality=50)
+    im = Image.open(io.BytesIO(codec.assemble(small, quality=50)))
+    assert im.size == (64, 64) and len(restart_markers(segments(small)[-1][1])) == 15  # 4x4 MCUs
