@@ -276,7 +276,7 @@ def test_local_end_to_end(clean_local, mixed_inputs, tmp_path, capsys):
     assert "not in the shards: empty" in capsys.readouterr().err
 
 
-def test_s3_end_to_end_gives_the_same_shards(clean_local, mixed_inputs, s3_bucket):
+def test_s3_end_to_end_gives_the_same_shards(clean_local, mixed_inputs, s3_bucket, tmp_path):
     root, expected = mixed_inputs
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -295,6 +295,10 @@ def test_s3_end_to_end_gives_the_same_shards(clean_local, mixed_inputs, s3_bucke
 
     first = next(iter(wds.WebDataset(f"{out}/shards/validation-000000.tar", shardshuffle=False).decode()))
     assert first["json"]["split"] == "validation"
+    image_id = next(i for i, (_, s) in expected.items() if s == "ok" and i.startswith("hf/"))
+    target = tmp_path / "seen.jpg"
+    assert cli.main(["inspect", out, "--verify", "--dump", image_id, "--out", str(target)]) == 0
+    assert target.read_bytes() == codec.assemble(codec.canonicalize(expected[image_id][0]))
 
 
 def test_one_worker_with_worker_deaths_equals_two_workers(clean_local, mixed_inputs, tmp_path):
