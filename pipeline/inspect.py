@@ -37,7 +37,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="an image id (see --list): decode its tokens from the shards and write it as a JPEG")
     parser.add_argument("--out", default=None, metavar="FILE",
                         help="where --dump writes the JPEG (default: the id's base name + .jpg, in the current folder)")
-    parser.add_argument("--verify", action="store_true", help="check every shard's size and sha256 against the manifest")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every shard's size and sha256 against the manifest")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,7 +188,8 @@ class Output:
                     break
         ids = packing.image_tokens(rows, image_id)
         if ids is None:
-            raise InspectError(f"{image_id} is listed as ok but is not in rows {first_row}..{last_row} (damaged output?)")
+            raise InspectError(f"{image_id} is listed as ok but is not in rows {first_row}..{last_row} "
+                               "(damaged output?)")
         tok = Tokenizer.load(storage.join(self.uri, self.manifest["tokenizer"]["path"]))
         body = tok.decode(np.asarray(ids).tolist())
         jpeg = codec.assemble(body, self.manifest["codec"]["quality"])

@@ -154,7 +154,8 @@ def image_tokens(rows: Iterable[tuple[np.ndarray, Sequence[dict]]], image_id: st
             if span["id"] != image_id:
                 continue
             if span["bos"] != (not pieces):
-                raise ValueError(f"image {image_id!r}: pieces out of order (bos={span['bos']} after {len(pieces)} pieces)")
+                raise ValueError(f"image {image_id!r}: pieces out of order "
+                                 f"(bos={span['bos']} after {len(pieces)} pieces)")
             pieces.append(np.asarray(tokens[span["start"] : span["end"]]))
             if span["eos"]:
                 seq = np.concatenate(pieces)

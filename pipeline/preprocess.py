@@ -107,7 +107,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                      help="output folder: manifest.json, tokenizer.model, shards/, stats/, summary.json")
     io_.add_argument("--image-column", default=None, metavar="NAME",
                      help="Parquet column holding the images: a {bytes, path} struct, binary, or paths/URLs "
-                          "(default: a Hugging Face image struct, else a column named image/jpg/png/..., else path/url)")
+                          "(default: a Hugging Face image struct, else a column named image/jpg/png/..., "
+                          "else path/url)")
     io_.add_argument("--overwrite", action="store_true",
                      help="replace an existing output made with another config or tokenizer (default: refuse)")
     io_.add_argument("--keep-work", action="store_true",
@@ -845,8 +846,8 @@ def run_bounded(submissions: Iterable[tuple[object, Callable]], max_in_flight: i
                 results[key] = result
                 bar.update(1)
         except ray.exceptions.RayError as e:
-            raise PreprocessError(f"{desc}: a task failed {TASK_RETRIES + 1} times; finished work is kept, so rerunning "
-                                  f"the same command resumes. Last error: {e}") from e
+            raise PreprocessError(f"{desc}: a task failed {TASK_RETRIES + 1} times; finished work is kept, so "
+                                  f"rerunning the same command resumes. Last error: {e}") from e
     return results
 
 

@@ -34,7 +34,8 @@ def shard_name(split: str, index: int) -> str:
 
 
 def sample_json(split: str, row: Row) -> dict:
-    return {"split": split, "row": row.index, "valid_tokens": row.valid_tokens, "images": [s.to_json() for s in row.spans]}
+    return {"split": split, "row": row.index, "valid_tokens": row.valid_tokens,
+            "images": [s.to_json() for s in row.spans]}
 
 
 def npy_bytes(tokens: np.ndarray) -> bytes:
@@ -82,7 +83,8 @@ def write_tar(f: IO[bytes], split: str, rows: Iterable[Row]) -> int:
         for row in rows:
             key = sample_key(split, row.index)
             _add(tar, f"{key}.{TOKENS_MEMBER}", npy_bytes(row.tokens))
-            _add(tar, f"{key}.{JSON_MEMBER}", json.dumps(sample_json(split, row), sort_keys=True, separators=(",", ":")).encode())
+            meta = json.dumps(sample_json(split, row), sort_keys=True, separators=(",", ":"))
+            _add(tar, f"{key}.{JSON_MEMBER}", meta.encode())
             n += 1
     return n
 

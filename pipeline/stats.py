@@ -169,11 +169,13 @@ def format_summary(summary: dict) -> str:
         return "-" if v is None else str(v)
 
     labels = [
-        ("images", "images"), ("images_ok", "  ok"), ("images_failed", "  failed"), ("failed_by_reason", "  failed by reason"),
+        ("images", "images"), ("images_ok", "  ok"), ("images_failed", "  failed"),
+        ("failed_by_reason", "  failed by reason"),
         ("images_by_split", "  ok by split"), ("tokens", "tokens (with BOS/EOS)"), ("padding_tokens", "padding tokens"),
         ("dropped_tokens", "dropped tokens"), ("rows", "rows"), ("shards", "shards"), ("shard_bytes", "shard bytes"),
         ("bytes_per_token", "JPEG bytes per token"), ("tokens_per_image", "tokens per image"),
-        ("wall_time_s", "wall time (s)"), ("images_this_run", "images processed this run"), ("images_per_s", "images/s"),
+        ("wall_time_s", "wall time (s)"), ("images_this_run", "images processed this run"),
+        ("images_per_s", "images/s"),
         ("cpus", "CPUs"), ("images_per_s_per_cpu", "images/s per CPU"), ("phase_seconds", "seconds by phase"),
     ]
     width = max(len(label) for _, label in labels)

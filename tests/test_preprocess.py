@@ -113,7 +113,8 @@ def test_encode_task_as_a_plain_function(tmp_path, sample_image_dir):
     names = sorted(p.name for p in sample_image_dir.iterdir())[:6]
     bad = tmp_path / "bad.jpg"
     bad.write_bytes((sample_image_dir / names[0]).read_bytes()[:300])
-    entries = [[n, str(sample_image_dir / n)] for n in names] + [["bad.jpg", str(bad)], ["gone.jpg", str(tmp_path / "gone.jpg")]]
+    entries = [[n, str(sample_image_dir / n)] for n in names]
+    entries += [["bad.jpg", str(bad)], ["gone.jpg", str(tmp_path / "gone.jpg")]]
     layout = preprocess.Layout(str(tmp_path / "out"))
     storage.write_bytes(layout.unit(0), json.dumps({"kind": "files", "entries": entries}).encode())
     bodies = [codec.canonicalize((sample_image_dir / n).read_bytes()) for n in names]

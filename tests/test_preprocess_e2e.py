@@ -85,7 +85,8 @@ def mixed_inputs(tmp_path_factory, sample_image_dir):
         put(f"photos/{p.name}", d)
         expected[f"photos/{p.name}"] = (d, "ok")
     jpeg = next(d for p, d in zip(photos, data) if p.suffix == ".jpg")
-    for name, content, status in [("bad-empty.jpg", b"", "empty"), ("bad-text.png", b"hello, not a PNG", "not_an_image"),
+    for name, content, status in [("bad-empty.jpg", b"", "empty"),
+                                  ("bad-text.png", b"hello, not a PNG", "not_an_image"),
                                   ("bad-truncated.jpg", jpeg[: len(jpeg) // 2], "truncated")]:
         put(f"photos/{name}", content)
         expected[f"photos/{name}"] = (content, status)
@@ -96,7 +97,8 @@ def mixed_inputs(tmp_path_factory, sample_image_dir):
         expected[f"wds/00000.tar/{member}"] = (d, "ok")
     put("wds/00000.tar", _tar(members))
     put("wds/00000.parquet", _parquet(pa.table({"key": ["0"], "url": ["http://example.invalid/0.jpg"]})))
-    hf_rows = [{"bytes": d, "path": p.name} for p, d in zip(photos[34:44], data[34:44])] + [{"bytes": b"junk", "path": None}]
+    hf_rows = [{"bytes": d, "path": p.name} for p, d in zip(photos[34:44], data[34:44])]
+    hf_rows.append({"bytes": b"junk", "path": None})
     put("hf/train-00000.parquet", _parquet(pa.table({"image": hf_rows})))
     for i, row in enumerate(hf_rows):
         expected[f"hf/train-00000.parquet#{i}"] = (row["bytes"], "ok" if i < 10 else "not_an_image")
@@ -265,7 +267,7 @@ def test_local_end_to_end(clean_local, mixed_inputs, tmp_path, capsys):
     assert samples[0]["tokens.npy"].dtype == np.uint16 and samples[0]["json"]["row"] == 0
 
     # jpeglm inspect: the summary, and one image (spanning rows) dumped back to the JPEG the model sees
-    image_id = "wds/00000.tar/000000003" + next(Path(i).suffix for i in expected if i.startswith("wds/00000.tar/000000003"))
+    image_id = next(i for i in expected if i.startswith("wds/00000.tar/000000003."))
     target = tmp_path / "seen.jpg"
     assert cli.main(["inspect", clean_local, "--list", "3", "--failed", "10", "--verify", "--dump", image_id,
                      "--out", str(target)]) == 0
@@ -362,7 +364,8 @@ def test_rerun_is_a_no_op_and_another_config_is_refused(clean_local, mixed_input
     from pipeline.tokenizer import Tokenizer
 
     other = tmp_path / "other.model"
-    Tokenizer.train([codec.canonicalize(b) for b, s in list(mixed_inputs[1].values())[:3]], vocab_size=280).save(str(other))
+    bodies = [codec.canonicalize(b) for b, s in list(mixed_inputs[1].values())[:3]]
+    Tokenizer.train(bodies, vocab_size=280).save(str(other))
     assert _run(str(root), str(out), "--tokenizer", str(other), expect=2) == 2
     assert "tokenizer fingerprint differs" in capsys.readouterr().err
     _run(str(root), str(out), "--tokenizer", str(other), "--overwrite")
@@ -421,7 +424,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             fail = server.count % server.every == 0
             server.failed += fail
         if fail:
-            payload = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
+            payload = (b"<?xml version='1.0'?><Error><Code>SlowDown</Code>"
+                       b"<Message>Reduce your request rate.</Message></Error>")
             self.send_response(503)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(payload)))
@@ -439,7 +443,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             if k.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
                 self.send_header(k, v)
         # a HEAD answer has no body but tells the object's size
-        self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+        length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+        self.send_header("Content-Length", length)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -465,7 +470,8 @@ def test_transient_s3_errors_are_retried(clean_local, mixed_inputs, s3_endpoint,
     assert proxy.failed >= 10  # the job met plenty of errors ...
     clean = _data_files(clean_local)
     # ... and still wrote the same shards and tokenizer as the clean local run
-    _assert_same(clean, _data_files(f"{s3_bucket}/out"), skip=["manifest.json"] + [n for n in clean if n.startswith("stats/")])
+    _assert_same(clean, _data_files(f"{s3_bucket}/out"),
+                 skip=["manifest.json"] + [n for n in clean if n.startswith("stats/")])
 
 
 _SLOW_SHARD_WRITER = """

@@ -46,7 +46,8 @@ def _make_inputs(root: str, images) -> None:
         members += [(f"{i:09d}.{name.rsplit('.', 1)[1]}", data), (f"{i:09d}.json", b"{}"), (f"{i:09d}.txt", b"a cat")]
     storage.write_bytes(storage.join(root, "wds", "00000.tar"), _tar_bytes(members))
     storage.write_bytes(storage.join(root, "wds", "00000.parquet"),
-                        _parquet_bytes(pa.table({"key": ["0", "1", "2"], "url": ["http://x/a", "http://x/b", "http://x/c"]})))
+                        _parquet_bytes(pa.table({"key": ["0", "1", "2"],
+                                                 "url": ["http://x/a", "http://x/b", "http://x/c"]})))
     storage.write_bytes(storage.join(root, "wds", "00000_stats.json"), b"{}")
     hf = pa.table({"image": [{"bytes": d, "path": n} for n, d in images[8:11]], "label": [0, 1, 2]})
     storage.write_bytes(storage.join(root, "hf", "train-00000.parquet"), _parquet_bytes(hf))
