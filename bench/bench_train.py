@@ -163,8 +163,8 @@ def run_case(name: str, device: str, args, peak: float | None) -> dict:
             _sync(device)
             if i >= args.warmup:
                 times[mode].append(time.perf_counter() - t0)
-        print(f"[{name}] step {i + 1}/{args.warmup + args.steps}: " +
-              ", ".join(f"{m} {times[m][-1] if times[m] else float('nan'):.3f}s" for m in steps), flush=True)
+        label = "warmup" if i < args.warmup else ", ".join(f"{m} {times[m][-1]:.3f}s" for m in steps)
+        print(f"[{name}] step {i + 1}/{args.warmup + args.steps}: {label}", flush=True)
     tokens = batch * seq
     fpt = model_cfg.flops_per_token(seq)
     out = {

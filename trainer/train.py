@@ -232,9 +232,16 @@ def setup(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> Context:
     universal = bool(resume_from) and state["world_size"] != world
     load_tag = resume_from[1] if resume_from else None
     if universal:
+        # Rank 0 converts; the others must learn if it failed rather than wait at a barrier forever.
+        outcome = [None]
         if rank == 0:
-            load_tag = ckpt.universal_tag(*resume_from)
-        dist.barrier()
+            try:
+                ckpt.universal_tag(*resume_from)
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                outcome[0] = f"{type(e).__name__}: {e}"
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise ckpt.CheckpointError(f"cannot resume {os.path.join(*resume_from)} on {world} processes: {outcome[0]}")
         load_tag = resume_from[1] + ckpt.UNIVERSAL_SUFFIX
     ds_cfg = deepspeed_config(cfg, world, load_universal=universal)
 
@@ -385,6 +392,8 @@ def _print_header(ctx: Context, device_name: str | None) -> None:
 
 def _install_signal_handlers(ctx: Context) -> None:
     def handler(signum, frame):
+        if ctx.stop_signal:  # a second signal: stop now, without the checkpoint (e.g. stuck in a collective)
+            raise SystemExit(128 + signum)
         # Only note it: the step finishes, every rank agrees (all-reduce), then all save together.
         ctx.stop_signal.append(signum)
 
