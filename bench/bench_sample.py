@@ -72,16 +72,6 @@ def measure_tokens_per_image() -> dict:
             "source": f"{len(bodies)} bundled photos, canonical bodies, BPE vocab 320 fitted on them, + BOS"}
 
 
-def _time(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
-
-
 class Rate(NamedTuple):
     wall: float  # tokens per wall-clock second
     cpu: float  # tokens per second of this process's CPU time (one thread: what a dedicated core gives)
@@ -189,9 +179,11 @@ def bench_preset(name: str, args, device, dtype, tokens_per_image: int) -> dict:
     if args.full_image and name == "tiny":
         full = {}
         for b in sorted({1, args.batch}):
-            t = _time(lambda: chunk_rates(model, b, 1, tokens_per_image - 1, 1, True, 0), device)
-            full[str(b)] = {"batch": b, "seconds": round(t, 2), "images_per_min": round(60 * b / t, 3)}
-            print(f"[{name}] whole images, batch {b}: {full[str(b)]['images_per_min']:.2f} images/min (measured)", flush=True)
+            r = chunk_rates(model, b, 1, tokens_per_image - 1, 1, True, 0)[0]
+            full[str(b)] = {"batch": b, "images_per_min": round(60 * r.wall / tokens_per_image, 3),
+                            **({"images_per_cpu_min": round(60 * r.cpu / tokens_per_image, 3)} if cpu else {})}
+            print(f"[{name}] whole images, batch {b}: {full[str(b)]['images_per_min']:.2f} images/min (measured; "
+                  f"per CPU second: {60 * r.cpu / tokens_per_image:.2f})", flush=True)
         result["full_image_measured"] = full
     return result
 

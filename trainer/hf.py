@@ -367,7 +367,7 @@ def local_dir(uri: str) -> Iterator[str]:
             raise FileNotFoundError(f"{uri}: empty or missing")
         for name in names:
             src = storage.join(remote, name)
-            if retry_isfile(fs, src):
+            if _is_file(fs, src):
                 storage.retry(lambda: fs.get_file(src, os.path.join(tmp, name)), f"download {uri}/{name}")
         log.info("copied %s to %s (%d files)", uri, tmp, len(os.listdir(tmp)))
         yield tmp
@@ -375,7 +375,7 @@ def local_dir(uri: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def retry_isfile(fs, path: str) -> bool:
+def _is_file(fs, path: str) -> bool:
     from pipeline import storage
 
     return storage.retry(lambda: fs.isfile(path), f"isfile {path}")

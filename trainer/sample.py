@@ -299,11 +299,6 @@ def load_checkpoint(uri: str, device: torch.device, dtype: torch.dtype, tokenize
     return LoadedModel(model, tokenizer, kind, uri)
 
 
-def token_bytes_table(tokenizer) -> list[bytes]:
-    """The bytes each token id stands for (b"" for BOS/EOS/pad and <unk>, which is never generated)."""
-    return [b"" if i == tokenizer.unk_id else tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
-
-
 # ---------------------------------------------------------------------------------------------- images
 
 
@@ -468,7 +463,7 @@ def sample_to_folder(args, loaded: LoadedModel, device: torch.device) -> dict:
     model, tok = loaded.model, loaded.tokenizer
     dtype = next(model.parameters()).dtype
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
-    eoi = EOIDetector(token_bytes_table(tok))
+    eoi = EOIDetector(tok.token_bytes())
     generator = torch.Generator(device=device).manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     max_total = min(args.max_tokens, model.cfg.max_seq_len)
