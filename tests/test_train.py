@@ -186,3 +186,38 @@ def test_line_plot_draws_each_series(tmp_path):
     assert plots.nice_ticks(3.1, 5.0) == [3.5, 4.0, 4.5, 5.0]
     hist = plots.histogram(np.random.default_rng(0).normal(size=1000), str(tmp_path / "h.png"), bins=20)
     assert os.path.getsize(hist) > 1000
+
+
+def test_cuda_requested_without_a_gpu_is_refused(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    rc = main(["train", "--config", "tiny", "--data", str(tmp_path), "--run-dir", str(tmp_path / "run"),
+               "train.device=cuda"])
+    assert rc == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_train_runs_the_gpu_cases_scaled_down_on_cpu(tmp_path):
+    """bench/bench_train.py's 1b and 7b-slice cases (the GPU path) on CPU with small shapes: both loops train the
+    same model on the same batch, so their first losses agree; the JSON holds what the README quotes."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "train.json"
+    small = ["--set", "model.d_model=64", "--set", "model.n_heads=2", "--set", "model.ffn_dim=176",
+             "--set", "model.n_layers=2", "--seq-len", "64"]
+    proc = subprocess.run([sys.executable, "bench/bench_train.py", "--out", str(out), "--device", "cpu", "--cases",
+                           "1b,7b-slice", "--steps", "2", "--warmup", "1", *small],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [c["case"] for c in report["cases"]] == ["1b", "7b-slice"]
+    for case in report["cases"]:
+        assert case["seq_len"] == 64 and case["model"]["d_model"] == 64 and case["precision"] == "fp32"
+        for mode in ("plain", "zero3"):
+            assert len(case[mode]["step_s"]) == 2 and case[mode]["tokens_per_s"] > 0
+        assert case["plain"]["losses"][0] == pytest.approx(case["zero3"]["losses"][0], abs=1e-4)
+        assert case["overhead_ratio"] == pytest.approx(case["zero3"]["step_s_median"] / case["plain"]["step_s_median"])
