@@ -68,7 +68,8 @@ def measure_tokens_per_image() -> dict:
     bodies = [codec.canonicalize(photo_bytes(n)) for n in photo_names()]
     tok = Tokenizer.train(bodies, 320)
     counts = [len(tok.encode(b)) + 1 for b in bodies]  # + BOS
-    return {"tokens_per_image": round(statistics.mean(counts)), "bytes_per_image": round(statistics.mean(map(len, bodies))),
+    return {"tokens_per_image": round(statistics.mean(counts)),
+            "bytes_per_image": round(statistics.mean(map(len, bodies))),
             "source": f"{len(bodies)} bundled photos, canonical bodies, BPE vocab 320 fitted on them, + BOS"}
 
 
@@ -191,13 +192,17 @@ def bench_preset(name: str, args, device, dtype, tokens_per_image: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON file to write (e.g. bench/results/sample.json)")
-    parser.add_argument("--presets", default="tiny,150m", help="comma-separated presets from trainer/configs (default tiny,150m)")
+    parser.add_argument("--presets", default="tiny,150m",
+                        help="comma-separated presets from trainer/configs (default tiny,150m)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on cpu, bf16 on cuda")
     parser.add_argument("--batch", type=int, default=8, help="the larger batch B (default 8)")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens decoded from BOS for KV cache vs recompute (default 128)")
-    parser.add_argument("--window", type=int, default=32, help="tokens decoded mid-image per images/min measurement (default 32)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per KV-cache figure; the median is reported (default 3)")
+    parser.add_argument("--new-tokens", type=int, default=128,
+                        help="tokens decoded from BOS for KV cache vs recompute (default 128)")
+    parser.add_argument("--window", type=int, default=32,
+                        help="tokens decoded mid-image per images/min measurement (default 32)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per KV-cache figure; the median is reported (default 3)")
     parser.add_argument("--recompute-repeat", type=int, default=1, help="runs of the recompute baseline (default 1)")
     parser.add_argument("--tokens-per-image", type=int, help="override the measured mean tokens per image")
     parser.add_argument("--full-image", action="store_true", help="tiny only: also time whole-image generation")
@@ -220,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "command": "python bench/bench_sample.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

@@ -119,7 +119,8 @@ def test_sampling_filters_and_seed():
 def test_sampled_generation_is_reproducible():
     model = _random_model(seed=4)
     prompts = _prompts(3, 4, seed=5)
-    runs = [generate(model, prompts, 30, SamplingParams(), generator=torch.Generator().manual_seed(11)) for _ in range(2)]
+    runs = [generate(model, prompts, 30, SamplingParams(), generator=torch.Generator().manual_seed(11))
+            for _ in range(2)]
     assert [g.tokens for g in runs[0]] == [g.tokens for g in runs[1]]
     other = generate(model, prompts, 30, SamplingParams(), generator=torch.Generator().manual_seed(12))
     assert [g.tokens for g in other] != [g.tokens for g in runs[0]]
@@ -249,8 +250,9 @@ def test_completion_keeps_prompt_rows(random_checkpoint, photo_bodies, tmp_path)
         (tmp_path / n).write_bytes(photo_bytes(n))
     out = tmp_path / "out"
     ratio = 0.25  # n = 8 markers: the top 64 rows
-    assert _sample("--checkpoint", random_checkpoint, "--out", str(out), "--prompt", *[str(tmp_path / n) for n in names],
-                   "--ratio", str(ratio), "--num", "2", "--batch", "2", "--max-tokens", "2600", "--seed", "1") == 0
+    assert _sample("--checkpoint", random_checkpoint, "--out", str(out),
+                   "--prompt", *[str(tmp_path / n) for n in names], "--ratio", str(ratio),
+                   "--num", "2", "--batch", "2", "--max-tokens", "2600", "--seed", "1") == 0
     summary = _summary(out)
     assert [s["prompt"] for s in summary["samples"]] == [str(tmp_path / n) for n in names for _ in range(2)]
     for i, s in enumerate(summary["samples"]):
@@ -353,13 +355,15 @@ def overfit_checkpoint(tmp_path_factory):
     (root / "images" / "rocket.jpg").write_bytes(photo_bytes("rocket.jpg"))
     pre = root / "preprocessed"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run([sys.executable, "-m", "jpeglm", "preprocess", "--input", str(root / "images"), "--output",
-                           str(pre), "--bpe-sample", "1", "--seq-len", "4096", "--val-fraction", "0", "--num-cpus", "1"],
+    proc = subprocess.run([sys.executable, "-m", "jpeglm", "preprocess", "--input", str(root / "images"),
+                           "--output", str(pre), "--bpe-sample", "1", "--seq-len", "4096", "--val-fraction", "0",
+                           "--num-cpus", "1"],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((pre / "manifest.json").read_text())
     tok = Tokenizer.load(str(pre / "tokenizer.model"))
-    rows = [(t, meta["images"]) for shard in manifest["shards"] for _, t, meta in shards.read_samples(str(pre / shard["path"]))]
+    rows = [(t, meta["images"]) for shard in manifest["shards"]
+            for _, t, meta in shards.read_samples(str(pre / shard["path"]))]
     assert len(rows) == 1 and len(rows[0][1]) == 1
     body_tokens = packing.image_tokens(rows, rows[0][1][0]["id"]).tolist()
     sequence = torch.tensor([[tok.bos_id] + body_tokens + [tok.eos_id]])
@@ -390,7 +394,8 @@ def overfit_checkpoint(tmp_path_factory):
     finally:
         torch.set_num_threads(before)
     hf.save_hf(model.state_dict(), cfg, str(root / "hf"), str(pre / "tokenizer.model"), tokenizer_meta=tok.metadata())
-    return {"hf": str(root / "hf"), "preprocessed": str(pre), "image": str(root / "images" / "rocket.jpg"), "body_tokens": body_tokens,
+    return {"hf": str(root / "hf"), "preprocessed": str(pre), "image": str(root / "images" / "rocket.jpg"),
+            "body_tokens": body_tokens,
             "tokenizer": tok, "steps": step + 1}
 
 
@@ -447,7 +452,8 @@ def test_training_run_dir_as_checkpoint(overfit_checkpoint, tmp_path):
         [sys.executable, "-m", "jpeglm", "train", "--config", "tiny", "--data", overfit_checkpoint["preprocessed"],
          "--run-dir", str(run), "train.max_steps=2", "train.seq_len=4096", "model.max_seq_len=4096",
          "train.micro_batch_size=1", "train.global_batch_size=1", "checkpoint.every_steps=2", "eval.every_steps=2"],
-        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from jpeglm.cli import main
 

@@ -252,7 +252,8 @@ def save_hf(
             for k, t in shard.items():
                 weight_map[k] = name
                 total += t.numel() * t.element_size()
-        _write_json(os.path.join(out_dir, "model.safetensors.index.json"), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_json(os.path.join(out_dir, "model.safetensors.index.json"),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
         written.append("model.safetensors.index.json")
 
     bos, eos, pad = 1, 2, None
@@ -310,7 +311,8 @@ def _write_json(path: str, obj) -> None:
 
 def is_llama_config(d: dict) -> bool:
     """Whether a config.json is a Hugging Face Llama model's (our own exported format has "format": "jpeglm")."""
-    return d.get("format") != "jpeglm" and (d.get("model_type") == "llama" or "LlamaForCausalLM" in (d.get("architectures") or []))
+    llama = d.get("model_type") == "llama" or "LlamaForCausalLM" in (d.get("architectures") or [])
+    return llama and d.get("format") != "jpeglm"
 
 
 def is_hf_dir(path: str) -> bool:
@@ -324,11 +326,13 @@ def is_hf_dir(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, n)) for n in _WEIGHT_FILES)
 
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 
 
 def _weight_files(path: str) -> list[str]:
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if os.path.isfile(os.path.join(path, single)):
             return [os.path.join(path, single)]
         index = os.path.join(path, index_name)
@@ -381,7 +385,9 @@ def _is_file(fs, path: str) -> bool:
     return storage.retry(lambda: fs.isfile(path), f"isfile {path}")
 
 
-def load_hf_local(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, dict]:
+def load_hf_local(
+    path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[Transformer, dict]:
     """(model in eval mode, info) from a local Hugging Face Llama folder. info: {"config": config.json,
     "tokenizer_path": path or None, "bos_id", "eos_id", "model_config": ModelConfig}."""
     with open(os.path.join(path, "config.json")) as f:
@@ -397,7 +403,8 @@ def load_hf_local(path: str, device: str | torch.device = "cpu", dtype: torch.dt
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
+        raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:4]}, "
+                         f"unexpected {sorted(unexpected)[:4]}")
     for k, t in state.items():
         want = tuple(model.state_dict()[k].shape)
         if tuple(t.shape) != want:
@@ -421,7 +428,8 @@ def load_hf(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | N
 
     with local_dir(uri) as path:
         if not is_hf_dir(path):
-            raise ValueError(f"{uri} is not a Hugging Face Llama checkpoint (expected config.json with model_type 'llama' and weights)")
+            raise ValueError(f"{uri} is not a Hugging Face Llama checkpoint (expected config.json with "
+                             "model_type 'llama' and weights)")
         model, info = load_hf_local(path, device, dtype)
         if info["tokenizer_path"] and path != uri:
             info["tokenizer_path"] = storage.join(uri, "tokenizer.model")

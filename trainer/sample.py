@@ -249,7 +249,9 @@ def _read_config(uri: str) -> dict | None:
     return json.loads(storage.read_bytes(cfg_uri))
 
 
-def load_checkpoint(uri: str, device: torch.device, dtype: torch.dtype, tokenizer_uri: str | None = None) -> LoadedModel:
+def load_checkpoint(
+    uri: str, device: torch.device, dtype: torch.dtype, tokenizer_uri: str | None = None
+) -> LoadedModel:
     """Detect what `uri` holds and load model + tokenizer from it (see module docstring)."""
     from pipeline import storage
     from pipeline.tokenizer import Tokenizer
@@ -292,7 +294,8 @@ def load_checkpoint(uri: str, device: torch.device, dtype: torch.dtype, tokenize
     expected = tok_meta.get("fingerprint")
     if expected and expected != tokenizer.fingerprint:
         log.warning("tokenizer %s is not the one the model was trained with (fingerprint %s, expected %s): "
-                    "samples will be garbage unless the two are equivalent", tok_path, tokenizer.fingerprint[:12], expected[:12])
+                    "samples will be garbage unless the two are equivalent", tok_path, tokenizer.fingerprint[:12],
+                    expected[:12])
     model = model.to(device=device, dtype=dtype).eval()
     if tokenizer.vocab_size != model.cfg.vocab_size:
         raise SampleError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {model.cfg.vocab_size}")
@@ -354,25 +357,33 @@ def make_grid(rows: list[list], labels: list[list[str]] | None = None, cell: int
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="exported jpeglm folder, Hugging Face Llama folder, or training run dir (local path or s3://)")
+                        help="exported jpeglm folder, Hugging Face Llama folder, or training run dir "
+                             "(local path or s3://)")
     parser.add_argument("--out", required=True, help="output folder for sample-NNNN.{jpg,png}, grid.png, summary.json")
-    parser.add_argument("--num", type=int, default=8, help="images to generate; with --prompt: completions per prompt (default 8)")
+    parser.add_argument("--num", type=int, default=8,
+                        help="images to generate; with --prompt: completions per prompt (default 8)")
     parser.add_argument("--batch", type=int, default=8, help="sequences decoded together (default 8)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1.0)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = off (default 50)")
+    parser.add_argument("--top-k", type=int, default=50,
+                        help="sample among the k most likely tokens; 0 = off (default 50)")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass; 1.0 = off (default 0.9)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same flags give the same images (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed; the same flags give the same images (default 0)")
     parser.add_argument("--prompt", nargs="+", metavar="IMAGE", help="complete these images from their top rows")
     parser.add_argument("--ratio", type=float, default=0.375,
-                        help="fraction of the image given as prompt: cut after the n-th FF D7 marker, n = int(32*ratio) "
-                             "(default 0.375 = top 96 rows)")
+                        help="fraction of the image given as prompt: cut after the n-th FF D7 marker, "
+                             "n = int(32*ratio) (default 0.375 = top 96 rows)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help=f"max tokens per image including BOS and prompt, capped by the model's max_seq_len (default {DEFAULT_MAX_TOKENS})")
+                        help="max tokens per image including BOS and prompt, capped by the model's max_seq_len "
+                             f"(default {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's (local or s3://)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default auto)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), help="weights/activations dtype (default: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N or auto (cuda when available; default auto)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES),
+                        help="weights/activations dtype (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--threads", type=int,
-                        help="torch CPU threads (default: torch's choice; 1 is often faster for small models on busy machines)")
+                        help="torch CPU threads (default: torch's choice; 1 is often faster for small models on "
+                             "busy machines)")
 
 
 def _check_args(parser_error, args) -> None:
@@ -391,7 +402,10 @@ def _check_args(parser_error, args) -> None:
     try:
         SamplingParams(args.temperature, args.top_k, args.top_p).validate()
     except ValueError as e:
-        parser_error(str(e).replace("temperature", "--temperature").replace("top_k", "--top-k").replace("top_p", "--top-p"))
+        message = str(e)
+        for name, flag in (("temperature", "--temperature"), ("top_k", "--top-k"), ("top_p", "--top-p")):
+            message = message.replace(name, flag)
+        parser_error(message)
     for p in args.prompt or []:
         from pipeline import storage
 
