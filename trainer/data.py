@@ -34,6 +34,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -304,9 +305,11 @@ class TrainStream:
             sample_ids=[t[1] for t in take],
         )
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the prefetch thread; a read stuck on storage is abandoned after `timeout` (the thread is a daemon)."""
         self._stop.set()
-        while self._thread.is_alive():
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
             try:  # unblock a producer waiting on a full queue
                 self._queue.get_nowait()
             except queue.Empty:
