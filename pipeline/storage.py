@@ -143,16 +143,79 @@ def listdir(uri: str) -> list[str]:
 
 
 def walk_files(uri: str) -> Iterator[str]:
-    """Every file below a folder/prefix as a full URI, streamed directory by directory, top-down: a folder's
-    files (sorted) before its subfolders (sorted). Deterministic; never the whole tree in memory for local trees.
-    Names starting with "." (temporaries, markers) are skipped."""
+    """Every file below a folder/prefix as a full URI (absolute path locally), streamed in a deterministic order.
+
+    Local: depth-first, each folder's entries sorted by name (a file and a folder interleave by name); only one
+    folder's names are held at a time. S3: key order, paged 1,000 keys at a time through ListObjectsV2, so a flat
+    prefix of millions of keys is never held in memory. Names starting with "." (temporaries, markers) are skipped.
+    """
+    if uri.startswith("s3://"):
+        yield from _walk_s3(uri[len("s3://") :])
+        return
     fs, path = filesystem(uri)
-    prefix = "s3://" if uri.startswith("s3://") else ""
-    for root, dirs, files in fs.walk(path):
+    if not is_remote(uri):
+        yield from _walk_local(os.path.abspath(path))
+        return
+    for root, dirs, files in fs.walk(path):  # other fsspec stores: their own walk
         dirs.sort()
         for name in sorted(files):
             if not name.startswith("."):
-                yield prefix + join(root, name)
+                yield uri.split("://", 1)[0] + "://" + join(root, name)
+
+
+def _walk_local(path: str) -> Iterator[str]:
+    with os.scandir(path) as it:
+        entries = sorted((e.name, e.is_dir()) for e in it if not e.name.startswith("."))
+    for name, is_dir in entries:
+        full = os.path.join(path, name)
+        if is_dir:
+            yield from _walk_local(full)
+        else:
+            yield full
+
+
+def _walk_s3(path: str) -> Iterator[str]:
+    fs = _s3()
+    bucket, _, prefix = path.strip("/").partition("/")
+    prefix = prefix + "/" if prefix else ""
+    request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
+    while True:
+        page = retry(lambda: fs.call_s3("list_objects_v2", **request), f"list s3://{bucket}/{prefix}")
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            if not key.endswith("/") and not key.rsplit("/", 1)[-1].startswith("."):
+                yield f"s3://{bucket}/{key}"
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+@contextlib.contextmanager
+def local_folder(uri: str) -> Iterator[str]:
+    """A local folder with the files directly under `uri`: the folder itself, or a temporary copy of an
+    s3:// prefix (removed on exit). For loaders that need real paths (safetensors, SentencePiece, DeepSpeed)."""
+    if not is_remote(uri):
+        if not os.path.isdir(uri):
+            raise FileNotFoundError(f"{uri}: no such folder")
+        yield uri
+        return
+    import shutil
+    import tempfile
+
+    fs, remote = filesystem(uri)
+    names = listdir(uri)
+    if not names:
+        raise FileNotFoundError(f"{uri}: empty or missing")
+    tmp = tempfile.mkdtemp(prefix="jpeglm-")
+    try:
+        for name in names:
+            src = join(remote, name)
+            if retry(lambda: fs.isfile(src), f"stat {uri}/{name}"):
+                retry(lambda: fs.get_file(src, os.path.join(tmp, name)), f"download {uri}/{name}")
+        log.info("copied %s to %s (%d files)", uri, tmp, len(os.listdir(tmp)))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove(uri: str, recursive: bool = False) -> None:

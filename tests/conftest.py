@@ -11,6 +11,9 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One OpenMP thread per process: tests run several processes (torchrun ranks, Ray workers) on 2 shared cores, where
+# 2 threads each oversubscribe the CPU and stall steps by up to 50x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "torch_extensions"))
 
 
@@ -65,7 +68,7 @@ def photo_names():
 
 @pytest.fixture(scope="session")
 def sample_image_dir(tmp_path_factory):
-    """60 derived web-like real photos (JPEG/PNG/WebP, 0.1-1 MP), shared read-only by the session."""
+    """60 derived web-like real photos (JPEG/PNG, 0.1-1 MP), shared read-only by the session."""
     from pipeline.sample_images import write_sample_images
 
     d = tmp_path_factory.mktemp("sample-images")

@@ -69,7 +69,7 @@ def test_all_three_kinds_are_listed_and_read(root, images):
     counts = sources.PlanCounts()
     units = list(sources.plan_units(sources.resolve_inputs([root]), images_per_unit=2, counts=counts))
     # image files batch up across folders in walk order; tars and Parquet row ranges are units of their own
-    assert [u["kind"] for u in units] == ["files", "files", "parquet", "parquet", "parquet", "parquet", "files", "tar"]
+    assert [u["kind"] for u in units] == ["files", "files", "parquet", "parquet", "files", "parquet", "parquet", "tar"]
     assert (counts.image_files, counts.tars, counts.parquet_files, counts.parquet_rows) == (6, 1, 2, 6)
     # skipped: notes.txt and the tar's _stats.json; the tar's sibling Parquet is img2dataset metadata
     assert (counts.skipped_files, counts.skipped_img2dataset_parquet) == (2, 1)

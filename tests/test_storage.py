@@ -26,11 +26,35 @@ def test_write_read_list_remove(root):
     assert storage.listdir(storage.join(root, "a")) == ["one.bin", "two.bin"]
     assert storage.listdir(storage.join(root, "nothing-here")) == []
     walked = list(storage.walk_files(root))
-    # top-down: a folder's own files before its subfolders
-    assert [w.rsplit("/", 2)[-2:] for w in walked] == [["root", "b.bin"], ["a", "one.bin"], ["a", "two.bin"]]
+    # sorted by path: folder "a" and file "b.bin" interleave by name, on disk and on S3 alike
+    assert [w.rsplit("/", 2)[-2:] for w in walked] == [["a", "one.bin"], ["a", "two.bin"], ["root", "b.bin"]]
     assert all(w.startswith("s3://") == root.startswith("s3://") for w in walked)
     storage.remove(storage.join(root, "a"), recursive=True)
     assert storage.listdir(storage.join(root, "a")) == []
+
+
+def test_walk_pages_through_large_s3_prefixes(s3_bucket):
+    names = [f"many/k{i:05d}.bin" for i in range(1_203)]  # more than one ListObjectsV2 page of 1,000
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    bucket = s3_bucket[len("s3://") :]
+    for name in names:
+        client.put_object(Bucket=bucket, Key=name, Body=b"")
+    client.put_object(Bucket=bucket, Key="many/.hidden", Body=b"")
+    assert list(storage.walk_files(f"{s3_bucket}/many")) == [f"{s3_bucket}/{n}" for n in names]
+
+
+def test_local_folder_copies_s3_prefix_and_cleans_up(s3_bucket):
+    storage.write_bytes(f"{s3_bucket}/ckpt/config.json", b"{}")
+    storage.write_bytes(f"{s3_bucket}/ckpt/model.bin", b"w" * 10)
+    with storage.local_folder(f"{s3_bucket}/ckpt") as path:
+        assert sorted(os.listdir(path)) == ["config.json", "model.bin"]
+        assert open(os.path.join(path, "model.bin"), "rb").read() == b"w" * 10
+    assert not os.path.exists(path)
+    with pytest.raises(FileNotFoundError):
+        with storage.local_folder(f"{s3_bucket}/absent"):
+            pass
 
 
 def test_atomic_writer_leaves_nothing_on_error(root):

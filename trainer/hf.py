@@ -21,14 +21,11 @@ names are written by this module.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
-from typing import Iterator
 
 import torch
 
@@ -352,39 +349,6 @@ def _read_tensors(file: str, device: str) -> dict[str, torch.Tensor]:
     return torch.load(file, map_location=device, weights_only=True)
 
 
-@contextlib.contextmanager
-def local_dir(uri: str) -> Iterator[str]:
-    """Yield a local folder with the contents of `uri`: the path itself, or a temporary copy of an s3:// prefix
-    (removed on exit)."""
-    from pipeline import storage
-
-    if not storage.is_remote(uri):
-        if not os.path.isdir(uri):
-            raise FileNotFoundError(f"{uri}: no such folder")
-        yield uri
-        return
-    fs, remote = storage.filesystem(uri)
-    tmp = tempfile.mkdtemp(prefix="jpeglm-checkpoint-")
-    try:
-        names = storage.listdir(uri)
-        if not names:
-            raise FileNotFoundError(f"{uri}: empty or missing")
-        for name in names:
-            src = storage.join(remote, name)
-            if _is_file(fs, src):
-                storage.retry(lambda: fs.get_file(src, os.path.join(tmp, name)), f"download {uri}/{name}")
-        log.info("copied %s to %s (%d files)", uri, tmp, len(os.listdir(tmp)))
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _is_file(fs, path: str) -> bool:
-    from pipeline import storage
-
-    return storage.retry(lambda: fs.isfile(path), f"isfile {path}")
-
-
 def load_hf_local(
     path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[Transformer, dict]:
@@ -426,7 +390,7 @@ def load_hf(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | N
     info["tokenizer_path"] is the tokenizer's s3:// URI (pipeline.tokenizer.Tokenizer.load reads it)."""
     from pipeline import storage
 
-    with local_dir(uri) as path:
+    with storage.local_folder(uri) as path:
         if not is_hf_dir(path):
             raise ValueError(f"{uri} is not a Hugging Face Llama checkpoint (expected config.json with "
                              "model_type 'llama' and weights)")

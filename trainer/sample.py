@@ -263,12 +263,12 @@ def load_checkpoint(
     with contextlib.ExitStack() as stack:
         if config is not None and config.get("format") == pretrained.FORMAT:
             kind = "jpeglm"
-            path = stack.enter_context(hf.local_dir(uri))
+            path = stack.enter_context(storage.local_folder(uri))
             model, meta = pretrained.load_pretrained(path, device=device, dtype=dtype)
             tok_path, tok_meta = os.path.join(path, "tokenizer.model"), meta.get("tokenizer") or {}
         elif config is not None and hf.is_llama_config(config):
             kind = "huggingface"
-            path = stack.enter_context(hf.local_dir(uri))
+            path = stack.enter_context(storage.local_folder(uri))
             model, info = hf.load_hf_local(path, device=device, dtype=dtype)
             tok_path, tok_meta = info["tokenizer_path"], (config.get("jpeglm") or {}).get("tokenizer") or {}
         else:
