@@ -24,18 +24,9 @@ TRAIN_BODIES = 100  # the rest are held out
 
 
 def _jpeg_body(data: bytes) -> bytes:
-    """The canonical 256x256 q25 4:2:0 body (RST after every MCU, tables stripped), made with Pillow directly."""
-    from PIL import Image
+    from pipeline.codec import canonicalize
 
-    im = Image.open(io.BytesIO(data))
-    im = im.convert("RGB") if im.mode != "RGB" else im
-    w, h = im.size
-    side = min(w, h)
-    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    im = im.resize((256, 256), Image.LANCZOS, box=box)
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=25, subsampling=2, restart_marker_blocks=1, streamtype=2)
-    return buf.getvalue()
+    return canonicalize(data)
 
 
 @pytest.fixture(scope="module")

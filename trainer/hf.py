@@ -29,12 +29,11 @@ import shutil
 
 import torch
 
+from pipeline.tokenizer import BYTE_OFFSET  # byte b of a JPEG is chr(BYTE_OFFSET + b) in the tokenizer's text
 from trainer.model import ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
 
-# Byte b of a JPEG is the character chr(BYTE_OFFSET + b) (Unicode Braille block) in the tokenizer's text.
-BYTE_OFFSET = 0x2800
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
