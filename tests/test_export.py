@@ -28,7 +28,8 @@ def run_dir(tmp_path_factory) -> str:
     from test_data import write_dataset
 
     data = str(tmp_path_factory.mktemp("data"))
-    tokenizer = Tokenizer.train([bytes(np.random.default_rng(i).integers(0, 256, 4000, dtype=np.uint8)) for i in range(30)])
+    rng = np.random.default_rng(0)
+    tokenizer = Tokenizer.train([rng.integers(0, 256, 4000, dtype=np.uint8).tobytes() for _ in range(30)])
     tokenizer.save(os.path.join(data, "tokenizer.model"))
     write_dataset(data, {"train": [5, 7, 4], "validation": [3, 3]}, row_len=512, fingerprint=tokenizer.fingerprint)
     run = str(tmp_path_factory.mktemp("run"))
@@ -55,9 +56,11 @@ with torch.no_grad():
     for b in val.batches:
         logits = model(torch.from_numpy(b.inputs))
         t = torch.from_numpy(b.targets)
-        total += F.cross_entropy(logits.view(-1, logits.size(-1)), t.view(-1), ignore_index=IGNORE_INDEX, reduction="sum").item()
+        total += F.cross_entropy(logits.view(-1, logits.size(-1)), t.view(-1), ignore_index=IGNORE_INDEX,
+                                 reduction="sum").item()
         count += int((t != IGNORE_INDEX).sum())
-print(json.dumps({"loss": total / count, "samples": val.num_samples, "deepspeed_loaded": bool(sys.modules.get("deepspeed"))}))
+print(json.dumps({"loss": total / count, "samples": val.num_samples,
+                  "deepspeed_loaded": bool(sys.modules.get("deepspeed"))}))
 """
 
 

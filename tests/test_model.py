@@ -23,7 +23,8 @@ def tokens(batch: int = 2, length: int = 40, seed: int = 1) -> torch.Tensor:
 
 def test_parameter_count_and_flops_match_the_paper_for_7b():
     cfg = ModelConfig()  # defaults are Llama-2 7B with vocab 320 and 12,288 context
-    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.ffn_dim, cfg.vocab_size, cfg.max_seq_len) == (32, 4096, 32, 11008, 320, 12288)
+    shape = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.ffn_dim, cfg.vocab_size, cfg.max_seq_len)
+    assert shape == (32, 4096, 32, 11008, 320, 12288)
     assert cfg.num_params() == 6_476_271_616  # ~6.48B non-embedding (docs: jpeglm-facts.md)
     assert cfg.flops_per_token() / 1e9 == pytest.approx(58.2, abs=0.05)  # 6N + 12*L*d*T
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,14 +149,13 @@ def uneven(dataset, tmp_path_factory) -> str:
     rows = {}
     for split in ("train", "validation"):
         for shard in real.split(split):
-            for r, value in read_rows(shard, set(range(shard.first_row, shard.first_row + shard.rows)), real.seq_len).items():
+            for r, value in read_rows(shard, real.seq_len).items():
                 rows[(split, r)] = value
     root = str(tmp_path_factory.mktemp("uneven"))
     n_val = real.raw["totals"]["validation"]["rows"]
     write_dataset(root, {"train": UNEVEN_SHARD_ROWS, "validation": [n_val]}, row_len=real.seq_len,
                   fingerprint=real.fingerprint, rows_source=lambda split, i: rows[(split, i)])
-    with open(os.path.join(dataset, "tokenizer.model"), "rb") as src, open(os.path.join(root, "tokenizer.model"), "wb") as dst:
-        dst.write(src.read())
+    shutil.copyfile(os.path.join(dataset, "tokenizer.model"), os.path.join(root, "tokenizer.model"))
     return root
 
 
@@ -292,7 +292,7 @@ def test_tiny_model_learns_below_the_unigram_entropy(dataset, tmp_path):
     manifest = Manifest.load(dataset)
     tokens = []
     for shard in manifest.split("validation"):
-        for row, valid in read_rows(shard, set(range(shard.first_row, shard.first_row + shard.rows)), manifest.seq_len).values():
+        for row, valid in read_rows(shard, manifest.seq_len).values():
             tokens.append(row[1:valid])  # the targets: every token after a row's first
     counts = np.bincount(np.concatenate(tokens), minlength=320)
     p = counts[counts > 0] / counts.sum()
@@ -324,7 +324,8 @@ def test_resuming_onto_data_of_another_tokenizer_is_refused(reference, uneven, t
     other = tmp_path / "retokenized"
     other.mkdir()
     os.symlink(os.path.join(uneven, "shards"), other / "shards")
-    tokenizer = Tokenizer.train([bytes(np.random.default_rng(i).integers(0, 256, 3000, dtype=np.uint8)) for i in range(20)])
+    rng = np.random.default_rng(1)
+    tokenizer = Tokenizer.train([rng.integers(0, 256, 3000, dtype=np.uint8).tobytes() for _ in range(20)])
     tokenizer.save(str(other / "tokenizer.model"))
     with open(os.path.join(uneven, "manifest.json")) as f:
         manifest = json.load(f)
@@ -336,6 +337,7 @@ def test_resuming_onto_data_of_another_tokenizer_is_refused(reference, uneven, t
     err = capsys.readouterr().err
     run_fp = Manifest.load(uneven).fingerprint
     assert "refusing to resume" in err and run_fp[:12] in err and tokenizer.fingerprint[:12] in err
-    assert main(["train", "--config", "tiny", "--data", uneven, "--run-dir", reference, *RESUME, "model.n_layers=3"]) == 2
+    other_model = [*RESUME, "model.n_layers=3"]
+    assert main(["train", "--config", "tiny", "--data", uneven, "--run-dir", reference, *other_model]) == 2
     assert "model config differs" in capsys.readouterr().err
     assert (sorted(os.listdir(reference)), open(os.path.join(reference, "attempts.jsonl")).read()) == before

@@ -95,7 +95,8 @@ def resolve(path: str) -> tuple[str, str]:
             return root, tag
     if os.path.isdir(path) and step_of(os.path.basename(path)) is not None:
         raise CheckpointError(f"{path} is an incomplete checkpoint (no {STATE_FILE}: the save did not finish)")
-    raise CheckpointError(f"no complete checkpoint in {path} (expected a run dir, its checkpoints/ or a global_stepN folder)")
+    raise CheckpointError(f"no complete checkpoint in {path} "
+                          "(expected a run dir, its checkpoints/ or a global_stepN folder)")
 
 
 def find_resume(resume: str, run_dir: str) -> tuple[str, str] | None:

@@ -198,7 +198,8 @@ def rank_positions(lo: int, hi: int, start: int, global_batch: int, rank: int, w
     return p[(slot >= rank * per_rank) & (slot < (rank + 1) * per_rank)]
 
 
-def window_arrays(row_tokens: np.ndarray, valid_tokens: int, window: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def window_arrays(row_tokens: np.ndarray, valid_tokens: int, window: int,
+                  seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, targets) of one window of a row: inputs = row[w*T : (w+1)*T], targets = the next token of each,
     IGNORE_INDEX where that next token is past the row or its valid part."""
     lo = window * seq_len
@@ -218,9 +219,9 @@ class Batch:
     sample_ids: list[int]
 
 
-def read_rows(shard: ShardRef, wanted: set[int], row_len: int) -> dict[int, tuple[np.ndarray, int]]:
-    """{row: (tokens, valid_tokens)} for the wanted rows of one shard, read sequentially, checked against the
-    manifest; the whole read is retried on transient I/O errors."""
+def read_rows(shard: ShardRef, row_len: int, wanted: set[int] | None = None) -> dict[int, tuple[np.ndarray, int]]:
+    """{row: (tokens, valid_tokens)} for the wanted rows (default: all) of one shard, read sequentially, checked
+    against the manifest; the whole read is retried on transient I/O errors."""
     from pipeline.shards import read_samples
 
     def _read() -> dict[int, tuple[np.ndarray, int]]:
@@ -233,9 +234,10 @@ def read_rows(shard: ShardRef, wanted: set[int], row_len: int) -> dict[int, tupl
                     f"[{shard.first_row}, {shard.first_row + shard.rows}) of {shard.split} in this shard"
                 )
             if tokens.shape != (row_len,) or tokens.dtype != np.uint16:
-                raise DataError(f"{shard.uri}: sample {key} has tokens {tokens.dtype}{tokens.shape}, expected uint16 ({row_len},)")
+                raise DataError(f"{shard.uri}: sample {key} has tokens {tokens.dtype}{tokens.shape}, "
+                                f"expected uint16 ({row_len},)")
             seen += 1
-            if row in wanted:
+            if wanted is None or row in wanted:
                 out[row] = (tokens, int(meta["valid_tokens"]))
         if seen != shard.rows:
             raise DataError(f"{shard.uri}: {seen} rows, but the manifest says {shard.rows}")
@@ -262,7 +264,8 @@ class TrainStream:
         read_threads: int = 4,
     ):
         if global_batch % (micro_batch * world):
-            raise DataError(f"global batch {global_batch} is not a multiple of micro batch x world = {micro_batch} x {world}")
+            raise DataError(f"global batch {global_batch} is not a multiple of micro batch x world = "
+                            f"{micro_batch} x {world}")
         self.row_len = manifest.seq_len
         self.seq_len = seq_len
         self.windows = windows_per_row(self.row_len, seq_len)
@@ -350,7 +353,7 @@ class TrainStream:
         shards = [self.order.shards[k] for k in members]
         needed = [s for s in shards if any(s.first_row <= r < s.first_row + s.rows for r in wanted)]
         loaded: dict[int, tuple[np.ndarray, int]] = {}
-        for part in pool.map(lambda s: read_rows(s, wanted, self.row_len), needed):
+        for part in pool.map(lambda s: read_rows(s, self.row_len, wanted), needed):
             loaded.update(part)
         out = []
         for pos, sid in zip(positions.tolist(), sample_ids.tolist()):
@@ -379,7 +382,7 @@ class ValidationSet:
         loaded: dict[int, tuple[np.ndarray, int]] = {}
         for shard in shards:
             if shard.first_row <= max(wanted) and shard.first_row + shard.rows > min(wanted):
-                loaded.update(read_rows(shard, wanted, manifest.seq_len))
+                loaded.update(read_rows(shard, manifest.seq_len, wanted))
         for b in range(0, len(mine), micro_batch):
             ids = mine[b : b + micro_batch]
             arrays = [window_arrays(*loaded[i // windows], i % windows, seq_len) for i in ids]

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from trainer import checkpoint as ckpt
-from trainer.data import IGNORE_INDEX, DataError, Manifest, SampleOrder, SampleRecord, TrainStream, ValidationSet, windows_per_row
+from trainer.data import (IGNORE_INDEX, DataError, Manifest, SampleOrder, SampleRecord, TrainStream, ValidationSet,
+                          windows_per_row)
 from trainer.ds_config import ConfigError, deepspeed_config, gradient_accumulation_steps, load_config
 
 log = logging.getLogger("trainer.train")
@@ -45,7 +46,8 @@ CHECKPOINT_FORMAT_VERSION = 1
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="preset name (7b, 1b, 150m, tiny) or path to a YAML config")
     parser.add_argument("--data", required=True,
-                        help="output folder of `jpeglm preprocess` (local path or s3://bucket/prefix) or its manifest.json")
+                        help="output folder of `jpeglm preprocess` (local path or s3://bucket/prefix) "
+                             "or its manifest.json")
     parser.add_argument("--run-dir", required=True,
                         help="folder for checkpoints, metrics.jsonl, tensorboard/, loss.png, summary.json "
                              "(a filesystem every process can reach)")
@@ -134,7 +136,8 @@ def check_resume_state(state: dict, cfg: dict, manifest: Manifest, order_fingerp
         raise ckpt.CheckpointError(
             f"refusing to resume {where}: it was trained on data tokenized with tokenizer {theirs[:12]}, but "
             f"{manifest.root} was made with tokenizer {ours[:12]}. Token ids would mean different bytes; "
-            "use data preprocessed with the run's tokenizer (preprocess --tokenizer RUN/tokenizer.model) or a new --run-dir"
+            "use data preprocessed with the run's tokenizer (preprocess --tokenizer RUN/tokenizer.model) "
+            "or a new --run-dir"
         )
     # Activation checkpointing only trades memory for recomputation (same math): it may change between attempts.
     diff = {k: (state["config"]["model"].get(k), v) for k, v in cfg["model"].items()
@@ -199,7 +202,8 @@ def setup(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> Context:
     if manifest.tokenizer.get("vocab_size", cfg["model"]["vocab_size"]) > cfg["model"]["vocab_size"]:
         raise ConfigError(f"the data's tokenizer has {manifest.tokenizer['vocab_size']} tokens but model.vocab_size="
                           f"{cfg['model']['vocab_size']}")
-    order_fingerprint = SampleOrder(manifest.split("train"), windows, t["seed"], cfg["data"]["shuffle_block_shards"]).fingerprint()
+    order_fingerprint = SampleOrder(manifest.split("train"), windows, t["seed"],
+                                    cfg["data"]["shuffle_block_shards"]).fingerprint()
     tokenizer_bytes, tokenizer = _read_tokenizer(manifest)
     resume_from = ckpt.find_resume(resume, run_dir)
     state = None
@@ -375,9 +379,11 @@ def _print_header(ctx: Context, device_name: str | None) -> None:
         f"model: {n / 1e6:,.2f}M non-embedding parameters ({total / 1e6:,.2f}M with embeddings), "
         f"{ctx.model_cfg.n_layers} layers, d {ctx.model_cfg.d_model}, {ctx.model_cfg.n_heads} heads",
         f"training FLOPs per token: 6N + 12*L*d*T = {6 * n / 1e9:,.3f} + "
-        f"{12 * ctx.model_cfg.n_layers * ctx.model_cfg.d_model * t['seq_len'] / 1e9:,.3f} = {fpt / 1e9:,.3f} GFLOP (T={t['seq_len']})",
-        f"processes: {ctx.world} x {device_name or ctx.device} ({t['precision']}), ZeRO stage {ctx.cfg['zero']['stage']}; "
-        f"micro-batch {t['micro_batch_size']} x accumulation {ctx.gas} x {ctx.world} = {t['global_batch_size']} samples "
+        f"{12 * ctx.model_cfg.n_layers * ctx.model_cfg.d_model * t['seq_len'] / 1e9:,.3f} = {fpt / 1e9:,.3f} GFLOP "
+        f"(T={t['seq_len']})",
+        f"processes: {ctx.world} x {device_name or ctx.device} ({t['precision']}), "
+        f"ZeRO stage {ctx.cfg['zero']['stage']}; micro-batch {t['micro_batch_size']} x accumulation {ctx.gas} "
+        f"x {ctx.world} = {t['global_batch_size']} samples "
         f"= {t['global_batch_size'] * t['seq_len']:,} tokens per step",
         f"data: {ctx.manifest.root}: {ctx.stream.order.num_samples:,} train samples per epoch "
         f"({ctx.stream.windows} windows of {t['seq_len']} per {ctx.manifest.seq_len}-token row), "
