@@ -341,3 +341,25 @@ def test_resuming_onto_data_of_another_tokenizer_is_refused(reference, uneven, t
     assert main(["train", "--config", "tiny", "--data", uneven, "--run-dir", reference, *other_model]) == 2
     assert "model config differs" in capsys.readouterr().err
     assert (sorted(os.listdir(reference)), open(os.path.join(reference, "attempts.jsonl")).read()) == before
+
+
+def test_padding_only_micro_batches_leave_the_weights_finite(dataset, tmp_path):
+    """A split's last row is padded past valid_tokens, so with short windows its later windows hold no target at
+    all. Such a micro-batch must contribute nothing, not a 0/0 = NaN loss whose gradient poisons every weight."""
+    from test_data import write_dataset
+
+    real = Manifest.load(dataset)
+    windows = real.seq_len // 256
+    root = str(tmp_path / "padded")
+    write_dataset(root, {"train": [1], "validation": [1]}, row_len=real.seq_len, last_valid=100,
+                  fingerprint=real.fingerprint)
+    shutil.copyfile(os.path.join(dataset, "tokenizer.model"), os.path.join(root, "tokenizer.model"))
+    run_dir = str(tmp_path / "run")
+    run_to_end([sys.executable, "-m", "trainer.train", "--config", "tiny", "--data", root, "--run-dir", run_dir,
+                *SMALL, "train.micro_batch_size=1", "train.global_batch_size=1", f"train.max_steps={windows}",
+                "eval.every_steps=0", "checkpoint.every_steps=1000"])
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        losses = [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
+    assert len(losses) == windows and windows > 1
+    assert sum(np.isnan(losses)) == windows - 1  # every window after the first is padding only
+    assert all(bool(np.isfinite(w.numpy()).all()) for w in final_weights(run_dir).values())

@@ -450,11 +450,14 @@ def fit(ctx: Context) -> dict:
             inputs = torch.from_numpy(batch.inputs).to(engine.device)
             targets = torch.from_numpy(batch.targets).to(engine.device)
             logits = engine(inputs)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE_INDEX)
-            engine.backward(loss)
-            engine.step()  # DeepSpeed updates only at the accumulation boundary (the last micro-batch)
             valid = targets != IGNORE_INDEX
             n = valid.sum()
+            # Mean over the valid tokens; a micro-batch of padding only (windows past the last row's valid_tokens)
+            # gives loss 0 and no gradient, where a plain mean would be 0/0 = NaN and poison the weights.
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE_INDEX,
+                                   reduction="sum") / n.clamp(min=1)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed updates only at the accumulation boundary (the last micro-batch)
             sums[0] += loss.detach().double() * n
             sums[1] += n
             sums[2] += ctx.byte_lengths[targets.clamp(min=0)][valid].sum()
@@ -469,7 +472,7 @@ def fit(ctx: Context) -> dict:
         loss_sum, tokens, n_bytes, stop = sums.tolist()
         rec = {
             "step": step,
-            "loss": loss_sum / tokens,
+            "loss": loss_sum / tokens if tokens else float("nan"),  # nan: this step saw padding only
             "bits_per_byte": bits_per_byte(loss_sum, n_bytes),
             "lr": lr,
             "grad_norm": _grad_norm(engine),
@@ -536,7 +539,7 @@ def validate(ctx: Context, step: int) -> dict:
     engine.train()
     dist.all_reduce(sums)
     loss_sum, tokens, n_bytes = sums.tolist()
-    rec = {"step": step, "loss": loss_sum / tokens, "bits_per_byte": bits_per_byte(loss_sum, n_bytes),
+    rec = {"step": step, "loss": loss_sum / tokens if tokens else float("nan"), "bits_per_byte": bits_per_byte(loss_sum, n_bytes),
            "tokens": int(tokens), "samples": ctx.val.num_samples}
     ctx.logger.log(rec, prefix="validation")
     ctx.logger.write(f"step {step}: validation loss {rec['loss']:.4f} ({rec['bits_per_byte']:.3f} bits/byte) "
