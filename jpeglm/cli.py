@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help). Order is the order `jpeglm --help` lists them.
@@ -39,8 +40,25 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher passes `--local_rank=N` before our subcommand; torchrun and DeepSpeed itself read
+    LOCAL_RANK from the environment, so move it there instead of making every subcommand accept it."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected if selected in SUBCOMMANDS else None)
     args = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -36,6 +37,15 @@ def test_unknown_command_is_rejected():
     with pytest.raises(SystemExit) as e:
         cli.main(["frobnicate"])
     assert e.value.code == 2
+
+
+def test_deepspeed_launchers_local_rank_flag_moves_to_the_environment(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert cli._strip_local_rank(["--local_rank=3", "train", "--config", "tiny"]) == ["train", "--config", "tiny"]
+    assert os.environ["LOCAL_RANK"] == "3"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert cli._strip_local_rank(["--local_rank", "1", "inspect", "out"]) == ["inspect", "out"]
+    assert os.environ["LOCAL_RANK"] == "1"
 
 
 def test_bundled_photos_are_real_and_licensed():
