@@ -98,6 +98,6 @@ cluster-preprocess-dry-run cluster-preprocess cluster-train-dry-run cluster-trai
 	$(MAKE) -C infra $@
 
 clean:
-	rm -rf out .pytest_cache bench/results/*.json
+	rm -rf out .pytest_cache
 distclean: clean
 	rm -rf $(VENV) .cache data
