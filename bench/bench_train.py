@@ -226,20 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown case(s) {unknown}; known: {sorted(CASES)}")
     os.environ["DS_ACCELERATOR"] = device
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import logging
-    import warnings
-
-    from trainer.metrics import peak_tflops
-    from trainer.train import single_process_env, skip_shm_comm_op
-
-    single_process_env()
-    if device == "cpu":
-        skip_shm_comm_op()
     import deepspeed
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    from trainer.metrics import peak_tflops
+    from trainer.train import init_deepspeed
+
+    init_deepspeed(device)
     device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     peak = peak_tflops(device_name if device == "cuda" else None, args.peak_tflops)
 

@@ -23,9 +23,9 @@ RUN = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.ffn_dim
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> str:
-    """Random-token shards (test_data.write_dataset) with a real tokenizer; 6 steps on 2 processes."""
+    """Random-token shards (helpers.write_dataset) with a real tokenizer; 6 steps on 2 processes."""
     from pipeline.tokenizer import Tokenizer
-    from test_data import write_dataset
+    from helpers import write_dataset
 
     data = str(tmp_path_factory.mktemp("data"))
     rng = np.random.default_rng(0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import io
 import json
 import os
 import re
@@ -14,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,11 +21,12 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from jpeglm import cli
 from pipeline import codec, packing, preprocess, shards, stats, storage
+
+from helpers import parquet_bytes, tar_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -50,22 +49,6 @@ def ray_cluster(s3_endpoint):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def _tar(members) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _parquet(table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=4)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +78,15 @@ def mixed_inputs(tmp_path_factory, sample_image_dir):
         member = f"{k:09d}{p.suffix}"
         members += [(member, d), (f"{k:09d}.json", b'{"caption": "x"}')]
         expected[f"wds/00000.tar/{member}"] = (d, "ok")
-    put("wds/00000.tar", _tar(members))
-    put("wds/00000.parquet", _parquet(pa.table({"key": ["0"], "url": ["http://example.invalid/0.jpg"]})))
+    put("wds/00000.tar", tar_bytes(members))
+    put("wds/00000.parquet", parquet_bytes(pa.table({"key": ["0"], "url": ["http://example.invalid/0.jpg"]}), row_group_size=4))
     hf_rows = [{"bytes": d, "path": p.name} for p, d in zip(photos[34:44], data[34:44])]
     hf_rows.append({"bytes": b"junk", "path": None})
-    put("hf/train-00000.parquet", _parquet(pa.table({"image": hf_rows})))
+    put("hf/train-00000.parquet", parquet_bytes(pa.table({"image": hf_rows}), row_group_size=4))
     for i, row in enumerate(hf_rows):
         expected[f"hf/train-00000.parquet#{i}"] = (row["bytes"], "ok" if i < 10 else "not_an_image")
     put("refs/img/a.jpg", data[44])
-    put("refs/index.parquet", _parquet(pa.table({"path": ["img/a.jpg", "img/missing.jpg"]})))
+    put("refs/index.parquet", parquet_bytes(pa.table({"path": ["img/a.jpg", "img/missing.jpg"]}), row_group_size=4))
     expected["refs/img/a.jpg"] = (data[44], "ok")  # an image file in the input folder like any other
     expected["refs/index.parquet#0"] = (data[44], "ok")
     expected["refs/index.parquet#1"] = (None, "read_error")

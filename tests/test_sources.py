@@ -2,37 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline import sources, storage
 from pipeline.sample_images import derive
 
+from helpers import parquet_bytes, tar_bytes
+
 
 @pytest.fixture(scope="module")
 def images():
     return list(derive(12, seed=7))  # (name, bytes): real derived photos, JPEG and PNG
-
-
-def _tar_bytes(members):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _parquet_bytes(table):
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=3)
-    return buf.getvalue()
 
 
 def _make_inputs(root: str, images) -> None:
@@ -44,16 +27,16 @@ def _make_inputs(root: str, images) -> None:
     members = []
     for i, (name, data) in enumerate(images[5:8]):
         members += [(f"{i:09d}.{name.rsplit('.', 1)[1]}", data), (f"{i:09d}.json", b"{}"), (f"{i:09d}.txt", b"a cat")]
-    storage.write_bytes(storage.join(root, "wds", "00000.tar"), _tar_bytes(members))
+    storage.write_bytes(storage.join(root, "wds", "00000.tar"), tar_bytes(members))
     storage.write_bytes(storage.join(root, "wds", "00000.parquet"),
-                        _parquet_bytes(pa.table({"key": ["0", "1", "2"],
-                                                 "url": ["http://x/a", "http://x/b", "http://x/c"]})))
+                        parquet_bytes(pa.table({"key": ["0", "1", "2"],
+                                                 "url": ["http://x/a", "http://x/b", "http://x/c"]}), row_group_size=3))
     storage.write_bytes(storage.join(root, "wds", "00000_stats.json"), b"{}")
     hf = pa.table({"image": [{"bytes": d, "path": n} for n, d in images[8:11]], "label": [0, 1, 2]})
-    storage.write_bytes(storage.join(root, "hf", "train-00000.parquet"), _parquet_bytes(hf))
+    storage.write_bytes(storage.join(root, "hf", "train-00000.parquet"), parquet_bytes(hf, row_group_size=3))
     storage.write_bytes(storage.join(root, "paths", "img", images[11][0]), images[11][1])
     paths = pa.table({"path": [f"img/{images[11][0]}", storage.join(root, "files", images[0][0]), "img/missing.jpg"]})
-    storage.write_bytes(storage.join(root, "paths", "index.parquet"), _parquet_bytes(paths))
+    storage.write_bytes(storage.join(root, "paths", "index.parquet"), parquet_bytes(paths, row_group_size=3))
     storage.write_bytes(storage.join(root, "notes.txt"), b"not an image")
 
 
@@ -116,7 +99,7 @@ def test_several_inputs_get_prefixed_ids_and_single_files_work(tmp_path, images)
 
 @pytest.mark.parametrize("where", ["in a member", "at a header"])
 def test_truncated_tar_keeps_images_before_the_damage(tmp_path, images, where):
-    data = _tar_bytes([(n, d) for n, d in images[:3]])
+    data = tar_bytes([(n, d) for n, d in images[:3]])
     second_header = 512 + -(-len(images[0][1]) // 512) * 512
     cut = second_header + 512 + 100 if where == "in a member" else second_header
     (tmp_path / "bad.tar").write_bytes(data[:cut])
@@ -131,13 +114,13 @@ def test_truncated_tar_keeps_images_before_the_damage(tmp_path, images, where):
 
 def test_parquet_column_choice_and_errors(tmp_path, images):
     p = tmp_path / "x.parquet"
-    p.write_bytes(_parquet_bytes(pa.table({"jpg": [images[0][1]], "caption": ["c"]})))
+    p.write_bytes(parquet_bytes(pa.table({"jpg": [images[0][1]], "caption": ["c"]}), row_group_size=3))
     assert sources.parquet_layout(str(p), None) == (1, "jpg", "bytes")
     assert sources.parquet_layout(str(p), "caption") == (1, "caption", "path")
     with pytest.raises(sources.InputError, match="no column 'nope'"):
         sources.parquet_layout(str(p), "nope")
     q = tmp_path / "y.parquet"
-    q.write_bytes(_parquet_bytes(pa.table({"label": [1]})))
+    q.write_bytes(parquet_bytes(pa.table({"label": [1]}), row_group_size=3))
     with pytest.raises(sources.InputError, match="--image-column"):
         sources.parquet_layout(str(q), None)
 

@@ -143,7 +143,7 @@ def dataset(tmp_path_factory, sample_image_dir) -> str:
 def uneven(dataset, tmp_path_factory) -> str:
     """The first 40 real train rows re-sharded into shards of 1, 2, 25, 3, 1 and 8 rows (plus the real
     validation shards and tokenizer): per-rank work must not depend on shard sizes."""
-    from test_data import write_dataset
+    from helpers import write_dataset
 
     real = Manifest.load(dataset)
     rows = {}
@@ -346,7 +346,7 @@ def test_resuming_onto_data_of_another_tokenizer_is_refused(reference, uneven, t
 def test_padding_only_micro_batches_leave_the_weights_finite(dataset, tmp_path):
     """A split's last row is padded past valid_tokens, so with short windows its later windows hold no target at
     all. Such a micro-batch must contribute nothing, not a 0/0 = NaN loss whose gradient poisons every weight."""
-    from test_data import write_dataset
+    from helpers import write_dataset
 
     real = Manifest.load(dataset)
     windows = real.seq_len // 256

@@ -188,6 +188,19 @@ def skip_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
+def init_deepspeed(device: str) -> None:
+    """Initialize torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPUs (with or without a launcher)."""
+    single_process_env()
+    if device == "cpu":
+        skip_shm_comm_op()
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed 0.19 calls torch.distributed's deprecated *_tensor collectives: one warning per call.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+
+
 def setup(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> Context:
     run_dir = os.path.abspath(run_dir)
     if "://" in run_dir:
@@ -218,13 +231,7 @@ def setup(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> Context:
     from trainer.metrics import MetricsLogger, peak_tflops
     from trainer.model import ModelConfig, Transformer
 
-    single_process_env()
-    if device == "cpu":
-        skip_shm_comm_op()
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    # DeepSpeed 0.19 calls torch.distributed's deprecated *_tensor collectives: one warning per call.
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    init_deepspeed(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

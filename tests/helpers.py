@@ -1,0 +1,74 @@
+"""Builders shared by several test modules: input containers (tar, Parquet) and preprocess-like datasets."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.packing import Row
+from pipeline.shards import shard_name, write_shard
+
+EOS = 2
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A plain tar (as img2dataset / WebDataset write them) with the given (member name, bytes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def parquet_bytes(table: pa.Table, row_group_size: int) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=row_group_size)
+    return buf.getvalue()
+
+
+def write_dataset(root: str, shard_rows: dict[str, list[int]], row_len: int, seed: int = 0,
+                  last_valid: int | None = None, fingerprint: str = "f" * 64, rows_source=None) -> str:
+    """A preprocess-like output: shards of the given row counts per split, manifest.json last.
+
+    Rows hold random tokens (or rows_source(split, index) -> (tokens, valid_tokens)); the last train row has
+    `last_valid` valid tokens and EOS padding when given."""
+    rng = np.random.default_rng(seed)
+    entries, totals = [], {}
+    for split, counts in shard_rows.items():
+        total_rows = sum(counts)
+        index = 0
+        for k, n in enumerate(counts):
+            rows = []
+            for _ in range(n):
+                if rows_source is not None:
+                    tokens, valid = rows_source(split, index)
+                else:
+                    tokens = rng.integers(3, 320, row_len).astype(np.uint16)
+                    valid = row_len
+                    if split == "train" and index == total_rows - 1 and last_valid is not None:
+                        valid = last_valid
+                        tokens[valid:] = EOS
+                rows.append(Row(index=index, tokens=tokens, valid_tokens=valid, spans=()))
+                index += 1
+            path = f"shards/{shard_name(split, k)}"
+            info = write_shard(storage.join(root, path), split, rows)
+            entries.append({"path": path, "split": split, "rows": info.rows, "tokens": info.rows * row_len,
+                            "bytes": info.bytes, "sha256": info.sha256})
+        totals[split] = {"images": 0, "rows": total_rows, "tokens": total_rows * row_len, "padding_tokens": 0}
+    manifest = {
+        "format": "jpeglm-shards", "format_version": 1, "seq_len": row_len, "token_dtype": "uint16",
+        "tokenizer": {"path": "tokenizer.model", "fingerprint": fingerprint, "vocab_size": 320, "bos_id": 1,
+                      "eos_id": EOS},
+        "codec": {"size": 256, "quality": 25, "subsampling": "4:2:0", "restart_interval_mcus": 1},
+        "config": {}, "shards": entries, "totals": totals, "last_row_policy": "pad",
+    }
+    storage.write_bytes(storage.join(root, "manifest.json"), json.dumps(manifest, indent=2).encode())
+    return root
