@@ -363,3 +363,50 @@ def test_padding_only_micro_batches_leave_the_weights_finite(dataset, tmp_path):
     assert len(losses) == windows and windows > 1
     assert sum(np.isnan(losses)) == windows - 1  # every window after the first is padding only
     assert all(bool(np.isfinite(w.numpy()).all()) for w in final_weights(run_dir).values())
+
+
+def _hf_folder(path: str, tokenizer_path: str, seed: int) -> dict:
+    """A Hugging Face Llama folder (as `jpeglm export --format hf` or the authors' release) of a small random
+    model; returns its weights under our parameter names."""
+    import torch
+
+    from trainer.hf import save_hf
+    from trainer.model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=2, n_kv_heads=1, ffn_dim=176, max_seq_len=512)
+    state = {k: v.clone() for k, v in Transformer(cfg).state_dict().items()}
+    save_hf(state, cfg, path, tokenizer_path)
+    return state
+
+
+def test_init_from_a_hugging_face_folder_loads_its_weights_into_zero3(dataset, tmp_path):
+    """Fine-tuning starts from the checkpoint's exact weights (scattered into every rank's ZeRO-3 partition) and
+    its shape (grouped-query attention here, unlike the preset), not from the preset's random init."""
+    hf_dir = str(tmp_path / "hf")
+    expected = _hf_folder(hf_dir, os.path.join(dataset, "tokenizer.model"), seed=7)
+    run_dir = str(tmp_path / "finetune")
+    run_to_end(torchrun(2, dataset, run_dir, "--init-from", hf_dir, *SMALL, "train.max_steps=0",
+                        "eval.every_steps=0"))
+    got = final_weights(run_dir)
+    assert_bitwise_equal(got, {k: v.float() for k, v in expected.items()})
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        assert f"init_from: {hf_dir}" in f.read()
+
+
+def test_init_from_a_model_of_another_tokenizer_is_refused(dataset, tmp_path, capsys):
+    from jpeglm import cli
+    from pipeline.codec import canonicalize
+    from pipeline.sample_images import derive
+    from pipeline.tokenizer import Tokenizer
+
+    other = Tokenizer.train([canonicalize(d) for _, d in derive(8, seed=3)], vocab_size=320)
+    other_path = str(tmp_path / "other.model")
+    other.save(other_path)
+    hf_dir = str(tmp_path / "hf")
+    _hf_folder(hf_dir, other_path, seed=7)
+    rc = cli.main(["train", "--config", "tiny", "--data", dataset, "--run-dir", str(tmp_path / "run"),
+                   "--init-from", hf_dir, *SMALL])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "trained with tokenizer" in err and f"preprocess with --tokenizer {hf_dir}/tokenizer.model" in err

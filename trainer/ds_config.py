@@ -49,6 +49,9 @@ DEFAULTS: dict[str, dict] = {
         "seed": 1234,
         "precision": "bf16",  # bf16 | fp32
         "device": "auto",  # auto (cuda if available) | cuda | cpu
+        # Fine-tune: start from this model instead of random weights (an exported jpeglm folder or a Hugging Face
+        # Llama folder, local or s3://). Its config replaces the model section (except activation_checkpointing).
+        "init_from": None,
     },
     "optimizer": {
         "lr": 3.0e-4,

@@ -54,6 +54,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default="auto",
                         help="'auto' (default): continue from the run dir's latest checkpoint if there is one; "
                              "'none': start fresh (refused if the run dir has checkpoints); or a checkpoint path")
+    parser.add_argument("--init-from", default=None, metavar="DIR",
+                        help="fine-tune: start from the weights of an exported jpeglm folder or a Hugging Face Llama "
+                             "folder (e.g. the authors' released JPEG-LM weights), local or s3://; the model shape "
+                             "comes from it and its tokenizer.model must be the one the data was made with "
+                             "(same as train.init_from=DIR)")
     # The DeepSpeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
@@ -63,7 +68,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        if args.init_from:
+            cfg["train"]["init_from"] = args.init_from
+        if cfg["train"]["init_from"]:
+            cfg = with_init_model(cfg)
+    except (ConfigError, DataError) as e:
         return _fail(str(e))
     try:
         return train(cfg, args.data, args.run_dir, args.resume)
@@ -115,6 +124,65 @@ class Context:
     def close(self) -> None:
         self.stream.close()
         self.logger.close()
+
+
+def with_init_model(cfg: dict) -> dict:
+    """The config with its model section taken from train.init_from's config.json: a checkpoint's shapes are fixed.
+    Only activation_checkpointing (a training choice) is kept from the preset and overrides."""
+    from pipeline import storage
+    from trainer import hf, pretrained
+    from trainer.ds_config import validate
+    from trainer.model import ModelConfig
+
+    uri = cfg["train"]["init_from"]
+    config_uri = storage.join(uri, "config.json")
+    if not storage.exists(config_uri):
+        raise ConfigError(f"train.init_from={uri}: no config.json there (expected an exported jpeglm folder or a "
+                          "Hugging Face Llama folder)")
+    meta = json.loads(storage.read_bytes(config_uri))
+    if meta.get("format") == pretrained.FORMAT:
+        model = ModelConfig.from_dict(meta["model"])
+    elif hf.is_llama_config(meta):
+        model = hf.model_config_from_hf(meta)
+    else:
+        raise ConfigError(f"train.init_from={uri}: config.json is neither an exported jpeglm model nor a Llama config")
+    model.activation_checkpointing = cfg["model"]["activation_checkpointing"]
+    cfg = {**cfg, "model": model.to_dict()}
+    validate(cfg)
+    return cfg
+
+
+def check_init_tokenizer(uri: str, manifest: Manifest) -> None:
+    """The initial model's token ids mean the bytes of its own tokenizer: the data must use the same one."""
+    from pipeline import storage
+    from pipeline.tokenizer import Tokenizer
+
+    path = storage.join(uri, "tokenizer.model")
+    if not storage.exists(path):
+        raise ConfigError(f"train.init_from={uri}: no tokenizer.model there, so its token ids cannot be checked "
+                          "against the data's")
+    fingerprint = Tokenizer.load(path).fingerprint
+    if fingerprint != manifest.fingerprint:
+        raise ConfigError(f"train.init_from={uri} was trained with tokenizer {fingerprint[:12]}, but the data was "
+                          f"made with {manifest.fingerprint[:12]}: preprocess with --tokenizer {path}")
+
+
+def load_initial_weights(model, uri: str, rank: int) -> None:
+    """Copy train.init_from's weights into `model`. Under zero.Init each parameter is partitioned: rank 0 reads the
+    checkpoint and GatheredParameters(modifier_rank=0) scatters each tensor into every rank's partition."""
+    import deepspeed
+    import torch
+
+    from trainer.sample import load_checkpoint  # the one loader that tells exported, Hugging Face and run folders apart
+
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    state = None
+    if rank == 0 or not partitioned:
+        state = load_checkpoint(uri, device=torch.device("cpu"), dtype=torch.float32).model.state_dict()
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=partitioned):
+            if state is not None:
+                p.data.copy_(state[name])
 
 
 def resolve_device(requested: str) -> str:
@@ -218,6 +286,8 @@ def setup(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> Context:
     order_fingerprint = SampleOrder(manifest.split("train"), windows, t["seed"],
                                     cfg["data"]["shuffle_block_shards"]).fingerprint()
     tokenizer_bytes, tokenizer = _read_tokenizer(manifest)
+    if t["init_from"]:
+        check_init_tokenizer(t["init_from"], manifest)
     resume_from = ckpt.find_resume(resume, run_dir)
     state = None
     if resume_from:
@@ -262,6 +332,8 @@ def setup(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> Context:
         # Transformer initializes through self.apply, which zero.Init intercepts: each partitioned parameter is
         # gathered, initialized and re-partitioned (tests/test_train_distributed.py checks the statistics).
         model = Transformer(model_cfg)
+    if t["init_from"] and not resume_from:
+        load_initial_weights(model, t["init_from"], rank)
     groups, weight_decays = param_groups(model, cfg["optimizer"]["weight_decay"])
     o = cfg["optimizer"]
     optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
