@@ -95,11 +95,11 @@ class Output:
                 storage.join(self.uri, "_work")) else ""
             raise InspectError(f"{manifest_uri} not found: not a finished jpeglm preprocess output{hint}")
         self.manifest = json.loads(storage.read_bytes(manifest_uri))
-        from pipeline.preprocess import FORMAT, FORMAT_VERSION
+        from pipeline.shards import manifest_format_problem
 
-        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
-            raise InspectError(f"{manifest_uri}: format {self.manifest.get('format')!r} version "
-                               f"{self.manifest.get('format_version')!r}; this jpeglm reads {FORMAT} {FORMAT_VERSION}")
+        problem = manifest_format_problem(self.manifest)
+        if problem:
+            raise InspectError(f"{manifest_uri}: {problem}")
         summary_uri = storage.join(self.uri, "summary.json")
         self.summary = json.loads(storage.read_bytes(summary_uri)) if storage.exists(summary_uri) else None
 

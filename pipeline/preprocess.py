@@ -40,11 +40,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from pipeline import storage
+from pipeline.shards import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION
 
 log = logging.getLogger("pipeline.preprocess")
 
-FORMAT = "jpeglm-shards"
-FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 TASK_RETRIES = 3  # per task: worker death and exceptions (e.g. an S3 outage that outlived storage.retry)
 SAMPLE_MIN_PER_UNIT = 16  # the BPE sample takes at least this many images from each unit it visits
@@ -762,8 +761,8 @@ class Job:
             ((s.name, lambda s=s: write.remote(self.output, s, seq_len, tok_meta["eos_id"])) for s in todo),
             in_flight, len(todo), "shards"))
         manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_FORMAT_VERSION,
             "seq_len": seq_len,
             "token_dtype": "uint16",
             "tokenizer": {"path": "tokenizer.model", "fingerprint": tok_meta["fingerprint"],

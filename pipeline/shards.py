@@ -23,6 +23,9 @@ from pipeline.packing import TOKEN_DTYPE, Row
 
 TOKENS_MEMBER = "tokens.npy"
 JSON_MEMBER = "json"
+# manifest.json of a preprocess output (schemas/README.md); readers refuse other formats and versions.
+MANIFEST_FORMAT = "jpeglm-shards"
+MANIFEST_FORMAT_VERSION = 1
 
 
 def sample_key(split: str, row: int) -> str:
@@ -125,3 +128,13 @@ def read_samples(uri: str) -> Iterator[tuple[str, np.ndarray, dict]]:
                 yield key, np.load(io.BytesIO(entry[TOKENS_MEMBER]), allow_pickle=False), json.loads(entry[JSON_MEMBER])
         if pending:
             raise ValueError(f"{uri}: incomplete samples {sorted(pending)[:3]}")
+
+
+def manifest_format_problem(manifest: dict) -> str | None:
+    """Why this jpeglm cannot read `manifest` (another format or version), or None when it can."""
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return f"format {manifest.get('format')!r} is not {MANIFEST_FORMAT!r}"
+    if manifest.get("format_version") != MANIFEST_FORMAT_VERSION:
+        return (f"format_version {manifest.get('format_version')!r} is not supported (this jpeglm reads "
+                f"{MANIFEST_FORMAT_VERSION}); update jpeglm or re-run preprocess")
+    return None

@@ -41,12 +41,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import storage
+from pipeline.shards import manifest_format_problem
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "jpeglm-shards"
-SUPPORTED_FORMAT_VERSIONS = (1,)
 IGNORE_INDEX = -100  # target value masked out of the loss (torch's cross_entropy default)
 
 
@@ -79,13 +78,9 @@ class Manifest:
             raw = json.loads(storage.read_bytes(path))
         except FileNotFoundError:
             raise DataError(f"no {MANIFEST_NAME} under {root}: not a finished `jpeglm preprocess` output") from None
-        if raw.get("format") != MANIFEST_FORMAT:
-            raise DataError(f"{path}: format {raw.get('format')!r} is not {MANIFEST_FORMAT!r}")
-        if raw.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
-            raise DataError(
-                f"{path}: format_version {raw.get('format_version')!r} is not supported "
-                f"(this trainer reads {SUPPORTED_FORMAT_VERSIONS}); update jpeglm or re-run preprocess"
-            )
+        problem = manifest_format_problem(raw)
+        if problem:
+            raise DataError(f"{path}: {problem}")
         if raw.get("token_dtype", "uint16") != "uint16":
             raise DataError(f"{path}: token_dtype {raw.get('token_dtype')!r} is not uint16")
         shards, next_row = [], {}
