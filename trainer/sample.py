@@ -240,7 +240,8 @@ class LoadedModel:
     source: str
 
 
-def _read_config(uri: str) -> dict | None:
+def read_checkpoint_config(uri: str) -> dict | None:
+    """The config.json of a checkpoint folder (local or s3://), or None if it has none."""
     from pipeline import storage
 
     cfg_uri = storage.join(uri, "config.json")
@@ -259,7 +260,7 @@ def load_checkpoint(
 
     if not storage.exists(uri):
         raise SampleError(f"--checkpoint {uri}: no such folder")
-    config = _read_config(uri)
+    config = read_checkpoint_config(uri)
     with contextlib.ExitStack() as stack:
         if config is not None and config.get("format") == pretrained.FORMAT:
             kind = "jpeglm"

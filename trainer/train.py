@@ -129,17 +129,16 @@ class Context:
 def with_init_model(cfg: dict) -> dict:
     """The config with its model section taken from train.init_from's config.json: a checkpoint's shapes are fixed.
     Only activation_checkpointing (a training choice) is kept from the preset and overrides."""
-    from pipeline import storage
     from trainer import hf, pretrained
     from trainer.ds_config import validate
     from trainer.model import ModelConfig
+    from trainer.sample import read_checkpoint_config
 
     uri = cfg["train"]["init_from"]
-    config_uri = storage.join(uri, "config.json")
-    if not storage.exists(config_uri):
+    meta = read_checkpoint_config(uri)
+    if meta is None:
         raise ConfigError(f"train.init_from={uri}: no config.json there (expected an exported jpeglm folder or a "
                           "Hugging Face Llama folder)")
-    meta = json.loads(storage.read_bytes(config_uri))
     if meta.get("format") == pretrained.FORMAT:
         model = ModelConfig.from_dict(meta["model"])
     elif hf.is_llama_config(meta):
