@@ -29,11 +29,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from pipeline.codec import EOI  # the JPEG end marker FF D9 ends a sample
 from trainer.model import KVCache, Transformer
 
 log = logging.getLogger("jpeglm.sample")
 
-EOI = b"\xff\xd9"
 DEFAULT_MAX_TOKENS = 12288  # the paper's sequence length: BOS + prompt + generated tokens per image
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
