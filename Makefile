@@ -35,24 +35,11 @@ help:
 
 setup: $(VENV)/.installed
 
-$(WHEELHOUSE)/.pillow-simd:
-	@mkdir -p $(WHEELHOUSE)
-	@echo ">> building $(PILLOW_SIMD) from source (CC='$(SIMD_CC)') into $(WHEELHOUSE)"
-	@test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)
-	CC="$(SIMD_CC)" $(BIN)/pip wheel --quiet --no-deps --no-cache-dir --no-binary pillow-simd -w $(WHEELHOUSE) "$(PILLOW_SIMD)" 2>&1 \
-	    | { grep -v "is ignored: it is neither a file nor a directory" || true; }; test $${PIPESTATUS[0]} -eq 0
-	@touch $@
-
-# One resolver run for everything (s3fs/aiobotocore/botocore pins break if installed piecemeal), then pip check.
-$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) $(WHEELHOUSE)/.pillow-simd
-	@test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)
-	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -c $(CONSTRAINTS) --find-links $(WHEELHOUSE) -e ".[test]" 2>&1 \
-	    | { grep -v "is ignored: it is neither a file nor a directory" || true; }; test $${PIPESTATUS[0]} -eq 0
-	$(BIN)/pip check
-	@# Plain Pillow would silently overwrite pillow-simd's PIL/ (and uninstalling it deletes PIL/ entirely).
-	@if $(BIN)/pip show --quiet pillow 2>/dev/null; then \
-	    echo "ERROR: a dependency pulled in plain 'pillow', which replaces pillow-simd. Find it with:"; \
-	    echo "  grep -il '^Requires-Dist: pillow' $(VENV)/lib/python*/site-packages/*.dist-info/METADATA"; exit 1; fi
+# scripts/setup.sh does the work with a line per step: system libraries (libwebp-dev etc.), venv, pillow-simd
+# (built once into the wheelhouse), one pip resolver run, pip check, and the pillow / WebP guards.
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) scripts/setup.sh
+	@PYTHON="$(PYTHON)" VENV="$(VENV)" CONSTRAINTS="$(CONSTRAINTS)" PILLOW_SIMD="$(PILLOW_SIMD)" \
+	    WHEELHOUSE="$(WHEELHOUSE)" SIMD_CC="$(SIMD_CC)" bash scripts/setup.sh
 	@touch $@
 
 test: setup

@@ -12,6 +12,8 @@ import importlib
 import os
 import sys
 
+from jpeglm.errors import UserError
+
 # name -> (module, one-line help). Order is the order `jpeglm --help` lists them.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("pipeline.preprocess", "images -> canonical JPEG -> BPE tokens -> packed WebDataset shards (Ray)"),
@@ -65,7 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"jpeglm {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        # Commands that can resume say how themselves (and return 130); this is the fallback: no traceback.
+        print(f"\njpeglm {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

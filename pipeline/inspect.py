@@ -22,10 +22,11 @@ from typing import Iterator
 
 import numpy as np
 
+from jpeglm.errors import UserError
 from pipeline import storage
 
 
-class InspectError(Exception):
+class InspectError(UserError):
     pass
 
 

@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from jpeglm.errors import UserError
 from pipeline import storage
 from pipeline.shards import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION
 
@@ -54,10 +55,10 @@ FAULT_ENV = "JPEGLM_PREPROCESS_FAULT"
 OUR_ENTRIES = ("manifest.json", "summary.json", "tokenizer.model", "tokenizer.json", "shards", "stats", "_work")
 
 DEFAULTS = dict(bpe_sample=10_000, vocab_size=320, seq_len=12_288, images_per_unit=1000, shard_size="1GB",
-                val_fraction=0.01, min_side=0, last_row="pad")
+                val_fraction=0.01, min_side=0, last_row="pad", image_size=256)
 
 
-class PreprocessError(Exception):
+class PreprocessError(UserError):
     """A refused configuration or output: the message says what to do."""
 
 
@@ -86,6 +87,13 @@ def _positive_int(text: str) -> int:
     v = int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _image_size(text: str) -> int:
+    v = int(text)
+    if v < 16 or v % 16:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 16 (the 4:2:0 MCU is 16x16 pixels), got {v}")
     return v
 
 
@@ -135,6 +143,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                            "(default: %(default)s)")
 
     img = parser.add_argument_group("images")
+    img.add_argument("--image-size", type=_image_size, default=DEFAULTS["image_size"], metavar="PX",
+                     help="side of the canonical square JPEG, a multiple of 16 (one 4:2:0 MCU) (default: "
+                          "%(default)s, as in the paper)")
     img.add_argument("--min-side", type=int, default=DEFAULTS["min_side"], metavar="PX",
                      help="count as too_small (and skip) images whose shorter side is below PX pixels "
                           "(default: %(default)s, keep all)")
@@ -217,14 +228,14 @@ def config_from_args(args: argparse.Namespace) -> dict:
         "last_row": args.last_row,
         "min_side": args.min_side,
         "max_pixels": args.max_pixels or codec.DEFAULT_MAX_PIXELS,
-        "codec": codec_params(),
+        "codec": codec_params(args.image_size),
     }
 
 
-def codec_params() -> dict:
+def codec_params(size: int | None = None) -> dict:
     from pipeline import codec
 
-    return {"size": codec.SIZE, "quality": codec.QUALITY, "subsampling": "4:2:0", "restart_interval_mcus": 1}
+    return {"size": size or codec.SIZE, "quality": codec.QUALITY, "subsampling": "4:2:0", "restart_interval_mcus": 1}
 
 
 def config_hash(config: dict) -> str:

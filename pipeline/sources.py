@@ -30,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
+from jpeglm.errors import UserError
 from pipeline import storage
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ BYTES_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes", "b
 PATH_COLUMNS = ("path", "image_path", "file", "file_path", "filename", "url", "image_url", "uri")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input that cannot be planned (missing, empty, unusable Parquet schema): the message says what to fix."""
 
 

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 
+from jpeglm.errors import UserError
 from pipeline import storage
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ UNIVERSAL_SUFFIX = "_universal"
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used as asked; the message says why."""
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jpeglm.errors import UserError
 from pipeline import storage
 from pipeline.shards import manifest_format_problem
 
@@ -49,7 +50,7 @@ MANIFEST_NAME = "manifest.json"
 IGNORE_INDEX = -100  # target value masked out of the loss (torch's cross_entropy default)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data (manifest, shards) cannot be used as asked; the message says why."""
 
 

@@ -23,6 +23,8 @@ from importlib import resources
 
 import yaml
 
+from jpeglm.errors import UserError
+
 PRESETS = ("7b", "1b", "150m", "tiny")
 
 DEFAULTS: dict[str, dict] = {
@@ -98,7 +100,7 @@ _CHOICES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config or override that cannot be used; the message says what to fix."""
 
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from jpeglm.errors import UserError
 from pipeline.codec import EOI  # the JPEG end marker FF D9 ends a sample
 from trainer.model import KVCache, Transformer
 
@@ -228,7 +229,7 @@ def generate(
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-class SampleError(Exception):
+class SampleError(UserError):
     """A problem with the user's inputs (checkpoint, prompt, flags): reported as a message, exit status 2."""
 
 
