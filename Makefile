@@ -22,7 +22,7 @@ TRAIN_RUN ?= out/train-tiny
 NPROC ?= 2
 
 .PHONY: help setup test test-fast preprocess train sample bench bench-codec bench-preprocess bench-train bench-sample \
-        inspect cluster-preprocess cluster-preprocess-dry-run cluster-train cluster-train-dry-run clean distclean
+        inspect tensorboard cluster-preprocess cluster-preprocess-dry-run cluster-train cluster-train-dry-run clean distclean
 
 help:
 	@echo "make preprocess   images -> canonical JPEG -> BPE -> packed WebDataset shards (bundled sample, local Ray)"
@@ -31,6 +31,7 @@ help:
 	@echo "make train        train the tiny preset on CPU on the output of make preprocess (2 processes, ZeRO-3)"
 	@echo "make sample       sample images from the tiny run"
 	@echo "make bench        benchmarks -> bench/results/*.json"
+	@echo "make tensorboard  open TensorBoard on the tiny run's metrics (its own venv; http://127.0.0.1:6006)"
 	@echo "make cluster-preprocess[-dry-run] / cluster-train[-dry-run]   render and submit the infra/ manifests"
 
 setup: $(VENV)/.installed
@@ -83,6 +84,16 @@ bench-sample: setup
 
 cluster-preprocess-dry-run cluster-preprocess cluster-train-dry-run cluster-train:
 	$(MAKE) -C infra $@
+
+# TensorBoard in a venv of its own: the `tensorboard` package requires plain Pillow, which must never enter .venv
+# (it would replace pillow-simd). Reads RUN/tensorboard event files; http://127.0.0.1:$(TB_PORT) in a browser.
+TB_VENV := .cache/tensorboard-venv
+TB_PORT ?= 6006
+tensorboard:
+	@test -x $(TB_VENV)/bin/tensorboard || { echo ">> installing tensorboard into $(TB_VENV), its own venv (~30 s)"; \
+	    $(PYTHON) -m venv $(TB_VENV) && $(TB_VENV)/bin/pip install --quiet --disable-pip-version-check tensorboard; }
+	@test -d $(TRAIN_RUN)/tensorboard || { echo "no event files in $(TRAIN_RUN)/tensorboard: run make train first (or TRAIN_RUN=DIR)"; exit 2; }
+	$(TB_VENV)/bin/tensorboard --logdir $(TRAIN_RUN)/tensorboard --host 127.0.0.1 --port $(TB_PORT)
 
 clean:
 	rm -rf out .pytest_cache
