@@ -59,6 +59,22 @@ def s3_bucket(s3_endpoint):
     yield f"s3://{name}"
 
 
+@pytest.fixture
+def s3_proxy(s3_endpoint, monkeypatch):
+    """The loopback delay/fault proxy (jpeglm/devtools/s3proxy.py) in front of the moto server, with this process's
+    S3 client pointed at it; no delay and no faults until a test sets `delay_s` / `fault_fraction`."""
+    from jpeglm.devtools.s3proxy import S3Proxy
+    from pipeline import storage
+
+    with S3Proxy(s3_endpoint, seed=1234) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        storage.reset_s3()
+        try:
+            yield proxy
+        finally:
+            storage.reset_s3()  # back to the plain endpoint once monkeypatch restores it
+
+
 @pytest.fixture(scope="session")
 def photo_names():
     from pipeline.sample_images import photo_names as names
