@@ -14,23 +14,40 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def ordered(fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
-    """map(fn, items) computed by `window` threads ahead of the consumer, yielded in order. At most `window`
-    results exist at a time; an exception from fn is raised when its item's turn comes."""
+def ordered(fn: Callable[[T], R], items: Iterable[T], window: int, batch: int = 1) -> Iterator[R]:
+    """map(fn, items) computed by threads ahead of the consumer, yielded in order: `window` tasks of `batch`
+    consecutive items each, so at most window x batch results exist at a time. Batches amortize the thread
+    hand-off (~70 us of CPU per task) when fn is fast (a page-cache read); batch=1 overlaps the most latency (S3).
+    An exception from fn is raised when its item's turn comes."""
     if window <= 1:
         yield from map(fn, items)
         return
     pool = ThreadPoolExecutor(max_workers=window, thread_name_prefix="read-ahead")
     pending: collections.deque = collections.deque()
+
+    def run(chunk: list[T]) -> list[R]:
+        return [fn(item) for item in chunk]
+
     try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
+        for chunk in _chunks(items, batch):
+            pending.append(pool.submit(run, chunk))
             if len(pending) >= window:
-                yield pending.popleft().result()
+                yield from pending.popleft().result()
         while pending:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
     finally:  # the consumer stopped early or failed: drop what is queued, do not wait for it
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 class ReadAhead(io.RawIOBase):

@@ -5,6 +5,11 @@
         ...
         proxy.stats()   # requests, by method, faults, response bytes, in-flight high-water mark
 
+Out of process (so that its work does not share the GIL with what is measured):
+
+    python -m jpeglm.devtools.s3proxy --upstream http://127.0.0.1:5000 [--delay-s 0.02] [--fault-fraction F]
+    # prints "endpoint http://127.0.0.1:PORT"; ProxyControl(endpoint) reads stats and changes the settings
+
 Each request waits `delay_s` before it is forwarded (a fixed round trip, as S3 at 20-50 ms per request), and a
 `fault_fraction` of requests is answered `503 SlowDown` instead (the body S3 sends when it throttles). Which
 attempts fail is a pure function of (seed, method, path, attempt number of that request), so a run is
@@ -15,15 +20,19 @@ chunked bodies, and `Expect: 100-continue` (answered by the proxy itself).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import hashlib
+import json
 import socket
 import socketserver
 import threading
 import time
+import urllib.request
 from typing import BinaryIO
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
+CONTROL_PREFIX = "/_s3proxy/"  # answered by the proxy itself, never counted or forwarded
 SLOW_DOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                   b"<Message>Please reduce your request rate.</Message></Error>")
 _MAX_HEADER_BYTES = 1 << 16
@@ -152,6 +161,20 @@ class S3Proxy:
                     "faults": self._faults, "response_bytes": self._response_bytes,
                     "request_bytes": self._request_bytes, "max_in_flight": self._max_in_flight}
 
+    def _control(self, target: str) -> dict:
+        """/_s3proxy/stats; /_s3proxy/reset; /_s3proxy/config?delay_s=X&fault_fraction=Y (then the stats)."""
+        parts = urlsplit(target)
+        action = parts.path[len(CONTROL_PREFIX) :]
+        if action == "reset":
+            self.reset_stats()
+        elif action == "config":
+            query = parse_qs(parts.query)
+            if "delay_s" in query:
+                self.delay_s = float(query["delay_s"][0])
+            if "fault_fraction" in query:
+                self.fault_fraction = float(query["fault_fraction"][0])
+        return {**self.stats(), "delay_s": self.delay_s, "fault_fraction": self.fault_fraction}
+
     def _fault(self, method: str, target: str) -> bool:
         if self.fault_fraction <= 0:
             return False
@@ -180,6 +203,11 @@ class S3Proxy:
                     raw_head = b"".join(line for line in raw_head.splitlines(keepends=True)
                                         if not line.lower().startswith(b"expect:"))
                 body = _read_body(client_in, headers, until_close=False)
+                if target.startswith(CONTROL_PREFIX):
+                    reply = json.dumps(self._control(target)).encode()
+                    client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                                   % len(reply) + reply)
+                    continue
                 with self._lock:
                     self._requests[method] += 1
                     self._request_bytes += len(body)
@@ -232,3 +260,44 @@ class S3Proxy:
         if close or (not no_body and _header(headers, "content-length") is None
                      and "chunked" not in (_header(headers, "transfer-encoding") or "").lower()):
             raise _Closed("upstream closes after this response")
+
+
+class ProxyControl:
+    """The counters and settings of a proxy running in another process (see `main`)."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+
+    def _call(self, action: str) -> dict:
+        with urllib.request.urlopen(self.endpoint + CONTROL_PREFIX + action, timeout=30) as r:
+            return json.loads(r.read())
+
+    def stats(self) -> dict:
+        return self._call("stats")
+
+    def reset_stats(self) -> dict:
+        return self._call("reset")
+
+    def configure(self, delay_s: float | None = None, fault_fraction: float | None = None) -> dict:
+        query = "&".join(f"{k}={v}" for k, v in (("delay_s", delay_s), ("fault_fraction", fault_fraction))
+                         if v is not None)
+        return self._call(f"config?{query}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Loopback S3 delay/fault proxy (see the module docstring).")
+    parser.add_argument("--upstream", required=True, help="the S3 endpoint to forward to, e.g. http://127.0.0.1:5000")
+    parser.add_argument("--delay-s", type=float, default=0.0, help="added per request (default 0)")
+    parser.add_argument("--fault-fraction", type=float, default=0.0, help="requests answered 503 SlowDown")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    proxy = S3Proxy(args.upstream, args.delay_s, args.fault_fraction, args.seed)
+    print(f"endpoint {proxy.endpoint}", flush=True)
+    try:
+        proxy._server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
