@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -79,33 +78,18 @@ def baseline_rate(paths: list[str], tokenizer) -> dict:
 # io: read_unit + codec + tokenizer from local disk and from S3 behind the delay proxy
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{proc.args} did not open port {port}")
-
-
 @contextlib.contextmanager
 def s3_behind_proxy():
     """(moto endpoint, proxy endpoint): a moto server and the delay proxy, each in its own process."""
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
-    port = _free_port()
+    from jpeglm.devtools.processes import free_port, wait_for_port
+
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        _wait_for_port(port, procs[0])
+        wait_for_port(port, procs[0], 60)
         moto = f"http://127.0.0.1:{port}"
         procs.append(subprocess.Popen([sys.executable, "-m", "jpeglm.devtools.s3proxy", "--upstream", moto],
                                       env=env, stdout=subprocess.PIPE, text=True))

@@ -8,7 +8,7 @@ import io
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -51,21 +51,22 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 class ReadAhead(io.RawIOBase):
-    """A sequential reader that fetches `depth` chunks ahead in a background thread, so that downloading a remote
-    tar overlaps decoding its images instead of stalling it at every block."""
+    """A sequential reader over `read(n) -> bytes` (e.g. a file's read, wrapped in retries) that fetches `depth`
+    chunks ahead in a background thread, so that downloading a remote tar overlaps decoding its images instead of
+    stalling it at every block. Memory: depth + 1 chunks."""
 
-    def __init__(self, f: IO[bytes], chunk: int, depth: int):
+    def __init__(self, read: Callable[[int], bytes], chunk: int, depth: int):
         super().__init__()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._buf, self._pos, self._eof = b"", 0, False
-        self._thread = threading.Thread(target=self._fill, args=(f, chunk), name="tar-read-ahead", daemon=True)
+        self._thread = threading.Thread(target=self._fill, args=(read, chunk), name="read-ahead", daemon=True)
         self._thread.start()
 
-    def _fill(self, f: IO[bytes], chunk: int) -> None:
+    def _fill(self, read: Callable[[int], bytes], chunk: int) -> None:
         try:
             while not self._stop.is_set():
-                data = f.read(chunk)
+                data = read(chunk)
                 self._put(data)
                 if not data:
                     return

@@ -328,7 +328,10 @@ def _read_tar(tar_id: str, uri: str, positions: Collection[int] | None = None) -
     except PERMANENT_READ_ERRORS as e:
         yield SourceImage(tar_id, uri, None, f"{type(e).__name__}: {e}")
         return
-    stream = prefetch.ReadAhead(f, TAR_CHUNK, TAR_CHUNKS_AHEAD) if storage.is_remote(uri) else f
+    stream = f
+    if storage.is_remote(uri):  # a failed read leaves the file's position unchanged: retrying it is safe
+        stream = prefetch.ReadAhead(lambda n: storage.retry(lambda: f.read(n), f"read {uri}"), TAR_CHUNK,
+                                    TAR_CHUNKS_AHEAD)
     problem = ""
     with f, stream:
         try:

@@ -21,13 +21,14 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
+
+from jpeglm.devtools.processes import free_port, wait_for_port
 
 START_TIMEOUT_S = 90
 STOP_TIMEOUT_S = 30
@@ -54,12 +55,6 @@ def can_hide_paths() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray_cli() -> list[str]:
     exe = os.path.join(os.path.dirname(sys.executable), "ray")
     return [exe] if os.path.exists(exe) else [sys.executable, "-m", "ray.scripts.scripts"]
@@ -67,26 +62,15 @@ def _ray_cli() -> list[str]:
 
 def _node_ports() -> list[str]:
     # Fixed defaults (dashboard agent 52365, ...) would collide between the two nodes and with other Rays.
-    return [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
 
 def _log_tail(path: str) -> str:
     with contextlib.suppress(OSError), open(path, "rb") as f:
         return f.read()[-3000:].decode(errors="replace")
     return ""
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, log_path: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{_log_tail(log_path)}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"the Ray head did not open port {port} within {START_TIMEOUT_S} s:\n{_log_tail(log_path)}")
 
 
 def _wait_for_nodes(address: str, count: int, processes: list[subprocess.Popen], worker_log: str) -> None:
@@ -131,7 +115,7 @@ def two_node_cluster(hidden: Sequence[str | os.PathLike] = (), cpus_per_node: in
     temp_dir = tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")  # short: Ray's Unix socket paths must fit 107 bytes
     node_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     node_env.pop("RAY_ADDRESS", None)
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     cluster = LocalCluster(address, hidden, temp_dir)
     common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--num-gpus=0", "--block",
@@ -144,7 +128,7 @@ def two_node_cluster(hidden: Sequence[str | os.PathLike] = (), cpus_per_node: in
         with open(head_log, "wb") as log:
             cluster.processes.append(subprocess.Popen(head, env=node_env, stdout=log, stderr=subprocess.STDOUT,
                                                       stdin=subprocess.DEVNULL))
-        _wait_for_port(port, cluster.processes[0], head_log)
+        wait_for_port(port, cluster.processes[0], START_TIMEOUT_S, lambda: _log_tail(head_log))
         worker = _ray_cli() + ["start", f"--address={address}", f"--temp-dir={temp_dir}/worker", *common,
                                *_node_ports()]
         if hidden:
