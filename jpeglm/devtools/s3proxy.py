@@ -228,10 +228,14 @@ class S3Proxy:
                         upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                         upstream_in = upstream.makefile("rb")
                     upstream.sendall(raw_head + body)
-                    self._relay_response(upstream_in, client, method)
+                    reusable = self._relay_response(upstream_in, client, method)
                 finally:
                     with self._lock:
                         self._in_flight -= 1
+                if not reusable:
+                    upstream_in.close()
+                    upstream.close()
+                    upstream = upstream_in = None
         except (_Closed, ConnectionError, OSError):
             return  # a client or the server went away: drop this connection, as a real endpoint would
         finally:
@@ -239,9 +243,12 @@ class S3Proxy:
                 upstream.close()
             client_in.close()
 
-    def _relay_response(self, upstream_in: BinaryIO, client: socket.socket, method: str) -> None:
-        """Forward one response (after any 1xx). If the upstream closes after it, so does this connection (the
-        client sees `Connection: close` or the end of a body delimited by closing)."""
+    def _relay_response(self, upstream_in: BinaryIO, client: socket.socket, method: str) -> bool:
+        """Forward one response (after any 1xx); True if the upstream connection can serve another request.
+
+        When the upstream closes after each response (moto's server does), the client's connection still stays
+        open, as S3 keeps it: the proxy reconnects upstream instead, so the client does not pay a TCP connect per
+        request that it would not pay against S3. Only a body delimited by closing closes the client's too."""
         while True:
             head = _read_head(upstream_in)
             if head is None:
@@ -251,15 +258,22 @@ class S3Proxy:
             if status >= 200:
                 break
             client.sendall(raw_head)  # an interim 1xx from upstream
-        close = (_header(headers, "connection") or "").lower() == "close" or status_line.startswith(b"HTTP/1.0")
         no_body = method == "HEAD" or status in (204, 304)
+        delimited = no_body or _header(headers, "content-length") is not None or \
+            "chunked" in (_header(headers, "transfer-encoding") or "").lower()
+        upstream_closes = (_header(headers, "connection") or "").lower() == "close" or \
+            status_line.startswith(b"HTTP/1.0")
         body = b"" if no_body else _read_body(upstream_in, headers, until_close=True)
         with self._lock:
             self._response_bytes += len(body)
+        if not delimited:
+            client.sendall(raw_head + body)
+            raise _Closed("the body ended with the connection")
+        if upstream_closes:  # keep the client's connection: drop the header, reconnect upstream next time
+            raw_head = b"".join(line for line in raw_head.splitlines(keepends=True)
+                                if not line.lower().startswith(b"connection:"))
         client.sendall(raw_head + body)
-        if close or (not no_body and _header(headers, "content-length") is None
-                     and "chunked" not in (_header(headers, "transfer-encoding") or "").lower()):
-            raise _Closed("upstream closes after this response")
+        return not upstream_closes
 
 
 class ProxyControl:
