@@ -14,7 +14,12 @@ listing and --images-per-unit, so reruns and any number of workers see the same 
 - {"kind": "files", "entries": [[id, uri], ...]}: up to images_per_unit consecutive image files;
 - {"kind": "tar", "id": ..., "uri": ...}: one whole tar (its members are only known by reading it; img2dataset
   tars hold ~10k images, a natural unit size);
-- {"kind": "parquet", "id", "uri", "column", "mode", "rows": [start, end)}: a row range of one Parquet file.
+- {"kind": "parquet", "id", "uri", "column", "mode", "rows": [start, end)}: a row range of one Parquet file; when
+  its row groups are larger than a unit, also "pages": the byte spans of the pages holding those rows (see
+  pipeline/parquet_pages.py), so that a unit reads about its share of the file.
+
+Reading (`read_unit`) fetches objects ahead of the caller on a few threads, in order, with a bounded number in
+flight: one request per image, memory O(window) whatever the unit's size.
 
 Stable image ids: the path relative to the input (`photos/cat.jpg`), `<tar relative path>/<member name>`, or
 `<parquet relative path>#<row>`; with several inputs, prefixed by the input's base name (made unique with its
