@@ -28,6 +28,7 @@ position when two inputs share one).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tarfile
@@ -243,12 +244,15 @@ def _parquet_units(image_id: str, uri: str, layout: ParquetLayout, images_per_un
     if max(layout.group_rows, default=0) > images_per_unit:
         from pipeline import parquet_pages
 
-        pages = parquet_pages.index_pages(uri, layout.leaves, list(range(len(layout.group_rows))))
+        try:
+            pages = parquet_pages.index_pages(uri, layout.leaves, list(range(len(layout.group_rows))))
+        except (ValueError, EOFError, KeyError, IndexError) as e:  # a file pyarrow reads but the page walk cannot
+            log.warning("%s: cannot index its pages (%s: %s)", uri, type(e).__name__, e)
         if pages is None:
-            log.warning("%s: row groups of up to %d rows, larger than a unit, and its pages cannot be read "
-                        "separately (encrypted, or a repeated column): each unit reads whole row groups", uri,
+            log.warning("%s: row groups of up to %d rows, larger than a unit, are read whole by each unit that "
+                        "needs them (encrypted, a repeated column, or pages that could not be indexed)", uri,
                         max(layout.group_rows))
-    group_starts = [sum(layout.group_rows[:g]) for g in range(len(layout.group_rows))]
+    group_starts = [0, *itertools.accumulate(layout.group_rows)][:-1]
     for start in range(0, layout.rows, images_per_unit):
         end = min(start + images_per_unit, layout.rows)
         unit = {"kind": "parquet", "id": image_id, "uri": uri, "column": layout.column, "mode": layout.mode,
@@ -406,22 +410,33 @@ def _parquet_rows_by_groups(unit: dict) -> Iterator:
 
 
 def _parquet_rows_by_pages(unit: dict) -> Iterator:
-    """The unit's values of its column, reading only the pages that hold its rows (see parquet_pages)."""
+    """The unit's values of its column, reading only the pages that hold its rows (see parquet_pages). Held for the
+    whole unit (memory O(unit), as its pages are); a file the page reader cannot handle falls back to row groups."""
+    import pyarrow as pa
+
     from pipeline import parquet_pages
 
     uri, pages = unit["uri"], unit["pages"]
-    footer = parquet_pages.read_footer(uri, pages["footer"])
-    for segment in pages["segments"]:
-        lo, hi = segment["rows"]  # within the row group
-        leaves = []
-        for span in segment["columns"]:
-            column = parquet_pages.read_column(uri, footer, segment["row_group"], span)
-            leaves.append(column.slice(lo - span["first_row"], hi - lo).to_pylist())
-        if unit["mode"] == "struct":  # leaves: the struct's bytes and (if present) path fields
-            paths = leaves[1] if len(leaves) > 1 else [None] * len(leaves[0])
-            yield from ({"bytes": b, "path": p} for b, p in zip(leaves[0], paths))
-        else:
-            yield from leaves[0]
+    try:
+        footer = parquet_pages.read_footer(uri, pages["footer"])
+        values: list = []
+        for segment in pages["segments"]:
+            lo, hi = segment["rows"]  # within the row group
+            leaves = []
+            for span in segment["columns"]:
+                column = parquet_pages.read_column(uri, footer, segment["row_group"], span)
+                leaves.append(column.slice(lo - span["first_row"], hi - lo).to_pylist())
+            if unit["mode"] == "struct":  # leaves: the struct's bytes and (if present) path fields
+                paths = leaves[1] if len(leaves) > 1 else [None] * len(leaves[0])
+                values += [{"bytes": b, "path": p} for b, p in zip(leaves[0], paths)]
+            else:
+                values += leaves[0]
+    except (ValueError, EOFError, KeyError, IndexError, pa.ArrowException) as e:  # not I/O errors: those propagate
+        log.warning("%s rows %s: reading by pages failed (%s: %s); reading whole row groups", uri, unit["rows"],
+                    type(e).__name__, e)
+        yield from _parquet_rows_by_groups(unit)
+        return
+    yield from values
 
 
 def _parquet_value(image_id: str, source: str, value, mode: str, base: str) -> SourceImage:

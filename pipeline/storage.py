@@ -159,25 +159,30 @@ def _http_response(exc: BaseException) -> dict | None:
 _NETWORK_ERRORS: tuple | None = None
 
 
-def _network_errors() -> tuple[tuple, tuple]:
-    """(timeout classes, connection classes) of the HTTP stack under s3fs, imported on first use."""
+def _network_errors() -> tuple[tuple, tuple, tuple]:
+    """(timeout classes, connection classes, TLS classes: never transient) of the HTTP stack under s3fs, imported
+    on first use."""
     global _NETWORK_ERRORS
     if _NETWORK_ERRORS is None:
         import http.client
+        import ssl
 
         timeouts: list = [TimeoutError]
         connections: list = [ConnectionError, http.client.IncompleteRead]
+        never: list = [ssl.SSLCertVerificationError]
         with contextlib.suppress(ImportError):
             import botocore.exceptions as be
 
             timeouts += [be.ReadTimeoutError, be.ConnectTimeoutError]
             connections += [be.HTTPClientError, be.ConnectionError, be.IncompleteReadError]
+            never += [be.SSLError]
         with contextlib.suppress(ImportError):
             import aiohttp
 
             timeouts += [aiohttp.ServerTimeoutError]
             connections += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
-        _NETWORK_ERRORS = (tuple(timeouts), tuple(connections))
+            never += [aiohttp.ClientSSLError]
+        _NETWORK_ERRORS = (tuple(timeouts), tuple(connections), tuple(never))
     return _NETWORK_ERRORS
 
 
@@ -197,7 +202,9 @@ def transient_kind(exc: BaseException) -> str | None:
         if status >= 500 or code in _SERVER_CODES or code in ("500", "502", "503", "504"):
             return "server_error"
         return None  # any other 4xx: the request itself is wrong
-    timeouts, connections = _network_errors()
+    timeouts, connections, never = _network_errors()
+    if isinstance(exc, never):
+        return None
     if isinstance(exc, timeouts):
         return "timeout"
     if isinstance(exc, connections):

@@ -85,3 +85,14 @@ def test_thrift_footer_round_trip(tmp_path):
     out = bytearray()
     parquet_pages._write_struct(out, footer.metadata())
     assert bytes(out) == footer.data
+
+
+def test_pages_that_do_not_decode_fall_back_to_row_groups(tmp_path, caplog):
+    values = _values(4)
+    path = tmp_path / "x.parquet"
+    path.write_bytes(_one_row_group(pa.table({"jpg": values}), page_index=False))
+    unit = list(sources.plan_units(sources.resolve_inputs([path]), images_per_unit=UNIT))[2]
+    span = unit["pages"]["segments"][0]["columns"][0]
+    span["data"] = [span["data"][0] + 7, span["data"][1]]  # not where a page starts
+    assert [img.data for img in sources.read_unit(unit)] == values[2 * UNIT : 3 * UNIT]
+    assert "reading by pages failed" in caplog.text
