@@ -1,35 +1,62 @@
 """Local paths and s3:// URIs behind one small API (fsspec / s3fs).
 
 S3 endpoint and credentials come from the usual AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, or an instance role), so any S3-compatible store works.
+AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, or an instance role), so any S3-compatible store works. Every public
+function taking a path accepts a str or an os.PathLike.
 
 Atomicity: `write_bytes` and `atomic_writer` make an object visible under its final name only when complete.
 Locally that is a temporary sibling + os.replace; on S3 a PutObject or a multipart upload only becomes visible
 when it completes, so writing the final key directly is already atomic.
+
+Retries: one layer, ours, so that every retry is counted. botocore's and s3fs's own retry loops are switched off
+(they retry 503 SlowDown silently); each S3 request is retried here on throttling (503 SlowDown, 429), server
+errors (500/502/503/504), timeouts and dropped connections, with jittered exponential backoff, and a whole
+operation (`retry`) is retried on the same errors raised outside a request (a connection reset mid-body, a flaky
+NFS read). Permanent errors (missing, exists, not a directory, permission, bad value, any other 4xx) are never
+retried. `take_retry_counts()` returns the retries of this process by kind since its last call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
+import errno
 import logging
 import os
 import random
+import threading
 import time
 import uuid
-from typing import IO, Callable, Iterator, TypeVar
+from typing import IO, Callable, Iterator, TypeVar, Union
 
 import fsspec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Per S3 request (inside s3fs): attempts and backoff. 10 attempts wait up to ~40 s in all: an S3 prefix being
+# re-partitioned answers SlowDown for seconds, not minutes.
+S3_ATTEMPTS = 10
+BACKOFF_BASE_S = 0.1
+BACKOFF_CAP_S = 10.0
+# Concurrent connections per process: a unit reads sources.READ_WINDOW images at once, plus uploads.
+S3_MAX_POOL_CONNECTIONS = 64
 
 
-def is_remote(uri: str) -> bool:
+def _fspath(uri: PathLike) -> str:
+    return os.fspath(uri)
+
+
+def is_remote(uri: PathLike) -> bool:
+    uri = _fspath(uri)
     return "://" in uri and not uri.startswith("file://")
 
 
-def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(uri: PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it). For S3 the path is 'bucket/key'."""
+    uri = _fspath(uri)
     if uri.startswith("s3://"):
         return _s3(), uri[len("s3://") :]
     fs, path = fsspec.core.url_to_fs(uri)
@@ -40,55 +67,226 @@ _S3_FS = None
 
 
 def _s3():
-    # One instance per process; s3fs reads AWS_ENDPOINT_URL and the usual credential chain itself.
+    # One instance per process; s3fs reads the usual credential chain itself.
     global _S3_FS
     if _S3_FS is None:
-        import s3fs
-
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-        kwargs = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+        client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
         # No listings cache: resume logic must see objects other processes wrote a moment ago.
-        _S3_FS = s3fs.S3FileSystem(use_listings_cache=False, **kwargs)
+        # total_max_attempts=1 (and retries=1 in the class): botocore and s3fs try once; _call_s3 retries and counts.
+        _S3_FS = _counting_s3_class()(
+            use_listings_cache=False, client_kwargs=client_kwargs,
+            config_kwargs={"retries": {"total_max_attempts": 1}, "max_pool_connections": S3_MAX_POOL_CONNECTIONS})
     return _S3_FS
 
 
-def join(base: str, *parts: str) -> str:
-    out = base.rstrip("/")
+def reset_s3() -> None:
+    """Forget this process's S3 client, so the next call reads AWS_ENDPOINT_URL again (benchmarks and tests that
+    put a proxy in front of the store)."""
+    global _S3_FS
+    _S3_FS = None
+
+
+_S3_CLASS = None
+
+
+def _counting_s3_class():
+    """s3fs.S3FileSystem whose every request is retried (and counted) by us; defined lazily (importing s3fs
+    costs ~0.3 s)."""
+    global _S3_CLASS
+    if _S3_CLASS is None:
+        import s3fs
+        from fsspec.asyn import sync_wrapper
+
+        class CountingS3FileSystem(s3fs.S3FileSystem):
+            retries = 1  # s3fs's own loop (_error_wrapper): one try
+
+            async def _call_s3(self, method, *akwarglist, **kwargs):
+                for attempt in range(S3_ATTEMPTS):
+                    try:
+                        return await super()._call_s3(method, *akwarglist, **kwargs)
+                    except Exception as e:  # noqa: BLE001 - classified below, re-raised unless transient
+                        kind = transient_kind(e)
+                        if kind is None:
+                            raise
+                        what = f"S3 {getattr(method, '__name__', method)} {kwargs.get('Bucket', '')}/{kwargs.get('Key', '')}"
+                        if attempt == S3_ATTEMPTS - 1:
+                            _mark_exhausted(e)
+                            raise
+                        delay = _backoff(attempt)
+                        _note_retry(kind, what, e, attempt, delay)
+                        await asyncio.sleep(delay)
+                raise AssertionError("unreachable")
+
+            # s3fs binds its sync call_s3 to the base class's coroutine: rebind to ours.
+            call_s3 = sync_wrapper(_call_s3)
+
+        _S3_CLASS = CountingS3FileSystem
+    return _S3_CLASS
+
+
+def join(base: PathLike, *parts: str) -> str:
+    out = _fspath(base).rstrip("/")
     for p in parts:
-        out += "/" + p.strip("/")
+        out += "/" + _fspath(p).strip("/")
     return out
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 0.5) -> T:
-    """Call fn, retrying transient I/O errors with jittered exponential backoff.
+# ---------------------------------------------------------------------------------------------------------------
+# transient vs permanent errors, retries and their counts
 
-    FileNotFoundError, PermissionError and ValueError are not transient and propagate at once.
-    """
+PERMANENT_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+                    ValueError)
+_THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                             "TooManyRequests", "TooManyRequestsException", "RequestThrottled"})
+_SERVER_CODES = frozenset({"InternalError", "ServiceUnavailable", "BadGateway", "GatewayTimeout"})
+# Local/NFS errors worth another try; any other errno (ENOSPC, EROFS, ENAMETOOLONG, ...) needs the user.
+_TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY,
+                               errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE,
+                               errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETRESET})
+_EXHAUSTED = "_jpeglm_retries_exhausted"
+
+
+def _http_response(exc: BaseException) -> dict | None:
+    """The botocore error response of an S3 error (s3fs puts the ClientError in __cause__), or None."""
+    for e in (exc, exc.__cause__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            return response
+    return None
+
+
+_NETWORK_ERRORS: tuple | None = None
+
+
+def _network_errors() -> tuple[tuple, tuple, tuple]:
+    """(timeout classes, connection classes, TLS classes: never transient) of the HTTP stack under s3fs, imported
+    on first use."""
+    global _NETWORK_ERRORS
+    if _NETWORK_ERRORS is None:
+        import http.client
+        import ssl
+
+        timeouts: list = [TimeoutError]
+        connections: list = [ConnectionError, http.client.IncompleteRead]
+        never: list = [ssl.SSLCertVerificationError]
+        with contextlib.suppress(ImportError):
+            import botocore.exceptions as be
+
+            timeouts += [be.ReadTimeoutError, be.ConnectTimeoutError]
+            connections += [be.HTTPClientError, be.ConnectionError, be.IncompleteReadError]
+            never += [be.SSLError]
+        with contextlib.suppress(ImportError):
+            import aiohttp
+
+            timeouts += [aiohttp.ServerTimeoutError]
+            connections += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+            never += [aiohttp.ClientSSLError]
+        _NETWORK_ERRORS = (tuple(timeouts), tuple(connections), tuple(never))
+    return _NETWORK_ERRORS
+
+
+def transient_kind(exc: BaseException) -> str | None:
+    """Why an I/O error may go away on its own ("throttled", "server_error", "timeout", "connection",
+    "io_error"), or None if retrying cannot help."""
+    if isinstance(exc, PERMANENT_ERRORS) or getattr(exc, _EXHAUSTED, False):
+        return None
+    response = _http_response(exc)
+    if response is not None:
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = str(response.get("Error", {}).get("Code", ""))
+        if code in _THROTTLE_CODES or status == 429:
+            return "throttled"
+        if status == 408 or code == "RequestTimeout":
+            return "timeout"
+        if status >= 500 or code in _SERVER_CODES or code in ("500", "502", "503", "504"):
+            return "server_error"
+        return None  # any other 4xx: the request itself is wrong
+    timeouts, connections, never = _network_errors()
+    if isinstance(exc, never):
+        return None
+    if isinstance(exc, timeouts):
+        return "timeout"
+    if isinstance(exc, connections):
+        return "connection"
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return "io_error"
+    return None
+
+
+def _mark_exhausted(exc: BaseException) -> None:
+    # Retried to the limit at the request level: an enclosing `retry` must not multiply the attempts.
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exc, _EXHAUSTED, True)
+
+
+_RETRY_COUNTS: collections.Counter = collections.Counter()
+_RETRY_LOCK = threading.Lock()  # S3 requests retry on s3fs's event-loop thread, reads on a thread pool
+
+
+def _backoff(attempt: int, base: float = BACKOFF_BASE_S) -> float:
+    return min(BACKOFF_CAP_S, base * 2**attempt) * (0.5 + random.random())
+
+
+def _note_retry(kind: str, what: str, exc: BaseException, attempt: int, delay: float) -> None:
+    with _RETRY_LOCK:
+        _RETRY_COUNTS[kind] += 1
+    # One transient error is routine at scale (counted, summed in the job summary); a third in a row is news.
+    level = logging.WARNING if attempt >= 2 else logging.DEBUG
+    log.log(level, "%s failed (%s: %s: %s); retry %d in %.1f s", what, kind, type(exc).__name__, exc, attempt + 1, delay)
+
+
+def take_retry_counts() -> dict[str, int]:
+    """Retries by kind ("throttled", "server_error", "timeout", "connection", "io_error") made in this process
+    since the previous call, then reset to zero. An encode task calls it at its end for its done record."""
+    with _RETRY_LOCK:
+        counts = dict(sorted(_RETRY_COUNTS.items()))
+        _RETRY_COUNTS.clear()
+    return counts
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 0.5) -> T:
+    """Call fn, retrying transient errors (see transient_kind) with jittered exponential backoff; each retry is
+    counted. Permanent errors, and S3 requests already retried to their limit, propagate at once."""
     for attempt in range(attempts):
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, ValueError):
-            raise
-        except OSError as e:  # botocore/aiohttp errors surface as OSError subclasses through s3fs
-            if attempt == attempts - 1:
+        except Exception as e:  # noqa: BLE001 - classified, re-raised unless transient
+            kind = transient_kind(e)
+            if kind is None or attempt == attempts - 1:
                 raise
-            delay = base_delay * (2**attempt) * (0.5 + random.random())
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e, attempt + 1, attempts - 1, delay)
+            delay = _backoff(attempt, base_delay)
+            _note_retry(kind, what, e, attempt, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
 
-def exists(uri: str) -> bool:
+# ---------------------------------------------------------------------------------------------------------------
+# operations
+
+
+def exists(uri: PathLike) -> bool:
     fs, path = filesystem(uri)
     return retry(lambda: fs.exists(path), f"exists {uri}")
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: PathLike) -> bytes:
+    """A whole object or file, in one request on S3 (s3fs's cat_file would HEAD it first to size it)."""
+    uri = _fspath(uri)
     fs, path = filesystem(uri)
+    if uri.startswith("s3://"):
+        return retry(lambda: fs.cat_file(path, max_concurrency=1), f"read {uri}")
     return retry(lambda: fs.cat_file(path), f"read {uri}")
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def read_range(uri: PathLike, start: int, end: int | None = None) -> bytes:
+    """Bytes [start, end) of an object or file in one (ranged) request; a negative start with end None reads the
+    last -start bytes (an S3 suffix range: no HEAD). Past the end, the result is shorter."""
+    fs, path = filesystem(uri)
+    return retry(lambda: fs.cat_file(path, start=start, end=end), f"read {uri} [{start}:{end}]")
+
+
+def write_bytes(uri: PathLike, data: bytes) -> None:
     """Write a whole object atomically (see module docstring)."""
 
     def _write():
@@ -99,8 +297,9 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(uri: str) -> Iterator[IO[bytes]]:
+def atomic_writer(uri: PathLike) -> Iterator[IO[bytes]]:
     """A binary file handle whose content appears at `uri` only if the block exits without error."""
+    uri = _fspath(uri)
     fs, path = filesystem(uri)
     if is_remote(uri):
         f = fs.open(path, "wb")
@@ -128,12 +327,12 @@ def atomic_writer(uri: str) -> Iterator[IO[bytes]]:
             os.unlink(tmp)
 
 
-def open_read(uri: str) -> IO[bytes]:
+def open_read(uri: PathLike) -> IO[bytes]:
     fs, path = filesystem(uri)
     return retry(lambda: fs.open(path, "rb"), f"open {uri}")
 
 
-def listdir(uri: str) -> list[str]:
+def listdir(uri: PathLike) -> list[str]:
     """Names (not URIs) directly under a folder/prefix, sorted; [] if it does not exist."""
     fs, path = filesystem(uri)
     if not retry(lambda: fs.exists(path), f"exists {uri}"):
@@ -142,13 +341,14 @@ def listdir(uri: str) -> list[str]:
     return sorted(os.path.basename(e.rstrip("/")) for e in entries)
 
 
-def walk_files(uri: str) -> Iterator[str]:
+def walk_files(uri: PathLike) -> Iterator[str]:
     """Every file below a folder/prefix as a full URI (absolute path locally), streamed in a deterministic order.
 
     Local: depth-first, each folder's entries sorted by name (a file and a folder interleave by name); only one
     folder's names are held at a time. S3: key order, paged 1,000 keys at a time through ListObjectsV2, so a flat
     prefix of millions of keys is never held in memory. Names starting with "." (temporaries, markers) are skipped.
     """
+    uri = _fspath(uri)
     if uri.startswith("s3://"):
         yield from _walk_s3(uri[len("s3://") :])
         return
@@ -191,9 +391,10 @@ def _walk_s3(path: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def local_folder(uri: str) -> Iterator[str]:
+def local_folder(uri: PathLike) -> Iterator[str]:
     """A local folder with the files directly under `uri`: the folder itself, or a temporary copy of an
     s3:// prefix (removed on exit). For loaders that need real paths (safetensors, SentencePiece, DeepSpeed)."""
+    uri = _fspath(uri)
     if not is_remote(uri):
         if not os.path.isdir(uri):
             raise FileNotFoundError(f"{uri}: no such folder")
@@ -218,7 +419,7 @@ def local_folder(uri: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def remove(uri: str, recursive: bool = False) -> None:
+def remove(uri: PathLike, recursive: bool = False) -> None:
     fs, path = filesystem(uri)
     if retry(lambda: fs.exists(path), f"exists {uri}"):
         retry(lambda: fs.rm(path, recursive=recursive), f"remove {uri}")

@@ -59,6 +59,22 @@ def s3_bucket(s3_endpoint):
     yield f"s3://{name}"
 
 
+@pytest.fixture
+def s3_proxy(s3_endpoint, monkeypatch):
+    """The loopback delay/fault proxy (jpeglm/devtools/s3proxy.py) in front of the moto server, with this process's
+    S3 client pointed at it; no delay and no faults until a test sets `delay_s` / `fault_fraction`."""
+    from jpeglm.devtools.s3proxy import S3Proxy
+    from pipeline import storage
+
+    with S3Proxy(s3_endpoint, seed=1234) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        storage.reset_s3()
+        try:
+            yield proxy
+        finally:
+            storage.reset_s3()  # back to the plain endpoint once monkeypatch restores it
+
+
 @pytest.fixture(scope="session")
 def photo_names():
     from pipeline.sample_images import photo_names as names
@@ -74,3 +90,27 @@ def sample_image_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("sample-images")
     write_sample_images(str(d), 60)
     return d
+
+
+@pytest.fixture(scope="session")
+def two_node_ray(s3_endpoint, tmp_path_factory):
+    """A real Ray cluster of two nodes on 127.0.0.1 for the session (jpeglm/devtools/local_cluster.py), 1 CPU each.
+    `two_node_ray.hidden[0]` is a folder the worker node sees empty (a tmpfs over it in its own mount namespace):
+    put a path there to make it local to the head node. Connect with ray.init(address=two_node_ray.address) (and
+    ray.shutdown() after) or run a command with env=two_node_ray.env(). The nodes inherit this process's
+    environment (PYTHONPATH, the moto AWS_* settings). Skipped where no mount namespace can be made."""
+    from jpeglm.devtools.local_cluster import can_hide_paths, two_node_cluster
+
+    why = can_hide_paths()
+    if why:
+        pytest.skip(f"two-node Ray cluster: {why}")
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the nodes run without token auth; the driver must agree
+    try:
+        with two_node_cluster(hidden=[tmp_path_factory.mktemp("node-local")]) as cluster:
+            yield cluster
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved

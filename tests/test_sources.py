@@ -140,3 +140,72 @@ def test_unknown_web_formats_are_listed_not_skipped(tmp_path):
     (tmp_path / "a.webp").write_bytes(b"RIFF....WEBP")
     units = list(sources.plan_units(sources.resolve_inputs([str(tmp_path)]), 10))
     assert units == [{"kind": "files", "entries": [["a.webp", os.path.join(str(tmp_path), "a.webp")]]}]
+
+
+def test_tar_positions_stop_after_the_last_wanted_member(tmp_path, images):
+    (tmp_path / "a.tar").write_bytes(tar_bytes([(n, d) for n, d in images[:5]]))
+    (unit,) = sources.plan_units(sources.resolve_inputs([tmp_path / "a.tar"]), 10)
+    got = list(sources.read_unit(unit, positions={1, 3}))
+    assert [g.id for g in got] == [f"a.tar/{images[1][0]}", f"a.tar/{images[3][0]}"]
+    assert [g.data for g in got] == [images[1][1], images[3][1]]
+
+
+def test_read_ahead_is_ordered_and_bounded():
+    import threading
+    import time
+
+    from pipeline import prefetch
+
+    lock, state = threading.Lock(), {"started": 0, "consumed": 0, "most_ahead": 0}
+
+    def fetch(i):
+        with lock:
+            state["started"] += 1
+            state["most_ahead"] = max(state["most_ahead"], state["started"] - state["consumed"])
+        time.sleep(0.001 * (i % 3))  # finish out of order
+        return i
+
+    out = []
+    for value in prefetch.ordered(fetch, range(100), window=8):
+        out.append(value)
+        with lock:
+            state["consumed"] += 1
+    assert out == list(range(100))
+    assert 1 < state["most_ahead"] <= 8  # fetched ahead, never more than the window
+
+    def boom(i):
+        if i == 5:
+            raise ConnectionResetError("transient, after retries")
+        return i
+
+    with pytest.raises(ConnectionResetError):
+        list(prefetch.ordered(boom, range(20), window=4))
+
+
+def test_webp_photo_decodes_and_canonicalizes(tmp_path, photo_names):
+    """make setup builds pillow-simd with libwebp: a WebP photo is an image like any other (10% of web images)."""
+    import io
+
+    from PIL import Image
+
+    from pipeline import codec
+    from pipeline.sample_images import photo_bytes
+
+    photo = Image.open(io.BytesIO(photo_bytes(photo_names[0]))).convert("RGB")
+    (tmp_path / "photo.webp").write_bytes(_encode(photo, "WEBP"))
+    (unit,) = sources.plan_units(sources.resolve_inputs([tmp_path]), 10)
+    (src,) = sources.read_unit(unit)
+    jpeg = codec.canonicalize(src.data)
+    decoded = Image.open(io.BytesIO(jpeg))
+    assert decoded.format == "JPEG" and decoded.size == (256, 256)
+    readable, missing = sources.readable_formats()
+    assert "WEBP" in readable and "JPEG" in readable and "WEBP" not in missing
+    assert sources.readable_formats_line().startswith("reads JPEG, PNG, WEBP")
+
+
+def _encode(image, fmt: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, fmt, quality=80)
+    return buf.getvalue()

@@ -113,3 +113,96 @@ def test_webdataset_reads_s3_urls(s3_bucket, tmp_path):
     storage.register_webdataset_s3()
     keys = [s["__key__"] for s in wds.WebDataset(url, shardshuffle=False)]
     assert keys == ["k0", "k1"]
+
+
+def _client_error(status: int, code: str):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "GetObject")
+
+
+@pytest.mark.parametrize("error", [
+    NotADirectoryError(20, "Not a directory"), FileExistsError(17, "File exists"), IsADirectoryError(21, "dir"),
+    PermissionError(13, "denied"), FileNotFoundError(2, "gone"), ValueError("bad"), OSError(28, "No space left"),
+    _client_error(403, "AccessDenied"), _client_error(400, "InvalidArgument"), _client_error(404, "NoSuchKey"),
+], ids=lambda e: type(e).__name__ + (f"-{e.response['Error']['Code']}" if hasattr(e, "response") else ""))
+def test_retry_never_retries_permanent_errors(error):
+    storage.take_retry_counts()
+    calls = []
+
+    def fail():
+        calls.append(1)
+        raise error
+
+    with pytest.raises(type(error)):
+        storage.retry(fail, "permanent", base_delay=0.001)
+    assert len(calls) == 1 and storage.take_retry_counts() == {}
+
+
+@pytest.mark.parametrize("error, kind", [
+    (ConnectionResetError(104, "reset"), "connection"), (TimeoutError("timed out"), "timeout"),
+    (OSError(5, "Input/output error"), "io_error"), (_client_error(503, "SlowDown"), "throttled"),
+    (_client_error(429, "TooManyRequests"), "throttled"), (_client_error(500, "InternalError"), "server_error"),
+    (_client_error(503, "503"), "server_error"), (_client_error(408, "RequestTimeout"), "timeout"),
+])
+def test_retry_counts_transient_errors_by_kind(error, kind):
+    storage.take_retry_counts()
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise error
+        return "ok"
+
+    assert storage.retry(flaky, "flaky", base_delay=0.001) == "ok"
+    assert storage.take_retry_counts() == {kind: 2}
+    assert storage.take_retry_counts() == {}  # taken: reset
+
+
+def test_s3_error_translated_by_s3fs_keeps_its_kind():
+    """s3fs turns a ClientError into an OSError whose __cause__ is the ClientError: classified by the cause."""
+    from s3fs.errors import translate_boto_error
+
+    assert storage.transient_kind(translate_boto_error(_client_error(503, "SlowDown"))) == "throttled"
+    assert storage.transient_kind(translate_boto_error(_client_error(404, "NoSuchKey"))) is None
+    assert storage.transient_kind(translate_boto_error(_client_error(400, "InvalidRequest"))) is None
+
+
+def test_output_below_a_file_fails_at_once(tmp_path):
+    """`--output FILE/sub` used to retry NotADirectoryError for 13 s before a traceback."""
+    (tmp_path / "file").write_bytes(b"x")
+    storage.take_retry_counts()
+    with pytest.raises(NotADirectoryError):
+        storage.write_bytes(tmp_path / "file" / "sub" / "config.json", b"{}")
+    assert storage.take_retry_counts() == {}
+
+
+def test_every_path_function_accepts_pathlike(tmp_path):
+    root = tmp_path / "r"
+    storage.write_bytes(root / "a" / "x.bin", b"0123456789")
+    with storage.atomic_writer(root / "b.bin") as f:
+        f.write(b"b")
+    assert storage.read_bytes(root / "a" / "x.bin") == b"0123456789"
+    assert storage.read_range(root / "a" / "x.bin", 2, 5) == b"234"
+    assert storage.read_range(root / "a" / "x.bin", -3) == b"789"
+    assert storage.exists(root / "b.bin") and not storage.is_remote(root)
+    assert storage.listdir(root) == ["a", "b.bin"]
+    assert list(storage.walk_files(root)) == [str(root / "a" / "x.bin"), str(root / "b.bin")]
+    assert storage.join(root, "a") == str(root / "a")
+    with storage.open_read(root / "b.bin") as f:
+        assert f.read() == b"b"
+    with storage.local_folder(root / "a") as folder:
+        assert os.listdir(folder) == ["x.bin"]
+    storage.remove(root / "a", recursive=True)
+    assert storage.listdir(root) == ["b.bin"]
+
+
+def test_s3_read_is_one_request_and_ranges_need_no_head(s3_bucket, s3_proxy):
+    storage.write_bytes(f"{s3_bucket}/obj.bin", bytes(range(256)) * 100)
+    s3_proxy.reset_stats()
+    assert storage.read_bytes(f"{s3_bucket}/obj.bin") == bytes(range(256)) * 100
+    assert storage.read_range(f"{s3_bucket}/obj.bin", 10, 20) == bytes(range(10, 20))
+    assert storage.read_range(f"{s3_bucket}/obj.bin", -4) == bytes(range(252, 256))
+    assert s3_proxy.stats()["by_method"] == {"GET": 3}
