@@ -78,6 +78,7 @@ bench-preprocess: setup
 
 bench-train: setup
 	$(BIN)/python bench/bench_train.py --out bench/results/train.json
+	$(BIN)/python bench/bench_loader.py --out bench/results/loader.json
 
 bench-sample: setup
 	$(BIN)/python bench/bench_sample.py --out bench/results/sample.json

@@ -1,4 +1,4 @@
-"""trainer/data.py: sample order, rank slicing, windows and masking, resume, S3, validation split.
+"""trainer/data.py, order.py: sample order, rank slicing, windows and masking, resume, S3, validation split.
 
 Datasets here are written in the shard format of schemas/README.md by `write_dataset` (pipeline.shards writer,
 hand-made manifest) with random tokens: these tests are about which row goes where, not about what is in it.
@@ -13,9 +13,12 @@ import time
 import numpy as np
 import pytest
 
+from pipeline import shards as shards_io
 from pipeline import storage
 from trainer import data
-from trainer.data import IGNORE_INDEX, DataError, Manifest, SampleOrder, TrainStream, ValidationSet
+from jpeglm.errors import UserError
+from trainer.data import IGNORE_INDEX, DataError, Manifest, SampleOrder, ShardRef, TrainStream, ValidationSet
+from trainer.order import permutation
 
 from helpers import write_dataset
 
@@ -44,23 +47,68 @@ def uneven(tmp_path_factory) -> Manifest:
 
 def test_each_epoch_is_a_permutation_fixed_by_seed_and_epoch(uneven):
     order = SampleOrder(uneven.split("train"), windows=4, seed=7, block_shards=2)
-    assert order.num_samples == 41 * 4
-    first, blocks = order.epoch(0)
-    assert sorted(first.tolist()) == list(range(order.num_samples))
-    again = SampleOrder(uneven.split("train"), windows=4, seed=7, block_shards=2).epoch(0)[0]
+    n = order.num_samples
+    assert n == 41 * 4
+    first = order.samples_at(np.arange(n))
+    assert sorted(first.tolist()) == list(range(n))
+    again = SampleOrder(uneven.split("train"), windows=4, seed=7, block_shards=2).samples_at(np.arange(n))
     assert np.array_equal(first, again)
-    assert not np.array_equal(first, order.epoch(1)[0])
-    assert not np.array_equal(first, SampleOrder(uneven.split("train"), 4, seed=8, block_shards=2).epoch(0)[0])
+    assert not np.array_equal(first, order.samples_at(np.arange(n, 2 * n)))  # epoch 1
+    assert not np.array_equal(first, SampleOrder(uneven.split("train"), 4, seed=8, block_shards=2).samples_at(np.arange(n)))
     # Each block holds exactly the samples of its shards, so one block is read from a few shards only.
-    for lo, hi, members in blocks:
-        rows = {int(s) // 4 for s in first[lo:hi]}
+    starts, members = order.blocks(0)
+    for b, shard_ks in enumerate(members):
+        rows = {int(s) // 4 for s in first[starts[b] : starts[b + 1]]}
         shard_rows = set()
-        for k in members:
+        for k in shard_ks:
             s = order.shards[k]
             shard_rows |= set(range(s.first_row, s.first_row + s.rows))
         assert rows == shard_rows
     # The shuffle really mixes rows within a block (not the identity).
     assert not np.array_equal(first, np.sort(first))
+
+
+def _whole_epoch_order(order: SampleOrder, epoch: int) -> np.ndarray:
+    """The construction the trainer used before the order was computed per block (every run before then was
+    trained in this order, so it must never change): the whole epoch's sample ids, built at once."""
+    shard_order = permutation(len(order.shards), order.seed, epoch, 0)
+    parts = []
+    for b, i in enumerate(range(0, len(shard_order), order.block_shards)):
+        members = [int(k) for k in shard_order[i : i + order.block_shards]]
+        ids = np.concatenate([np.arange(order.shards[k].first_row * order.windows,
+                                        (order.shards[k].first_row + order.shards[k].rows) * order.windows)
+                              for k in members])
+        parts.append(ids[permutation(len(ids), order.seed, epoch, 1, b)])
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("windows,block_shards", [(1, 1), (4, 2), (3, 4), (2, 64)])
+def test_order_is_the_whole_epoch_construction_it_replaced(uneven, windows, block_shards):
+    order = SampleOrder(uneven.split("train"), windows=windows, seed=11, block_shards=block_shards)
+    n = order.num_samples
+    expected = np.concatenate([_whole_epoch_order(order, e) for e in range(3)])
+    assert np.array_equal(order.samples_at(np.arange(3 * n)), expected)
+    # asked out of order and across epoch boundaries, one position at a time or scattered
+    rng = np.random.default_rng(0)
+    scattered = rng.integers(0, 3 * n, 200)
+    assert np.array_equal(order.samples_at(scattered), expected[scattered])
+    assert [int(order.samples_at(np.array([p]))[0]) for p in (3 * n - 1, 0, n)] == [expected[3 * n - 1], expected[0],
+                                                                                    expected[n]]
+
+
+def test_order_memory_is_shards_plus_one_block_not_the_epoch():
+    """23M samples in 575 shards of 40,000 rows (1 GB shards at 12,288 tokens): positions anywhere in two epochs
+    cost the shard plans and two block permutations, not an epoch (23M x 8 bytes = 184 MB)."""
+    shards = [ShardRef(f"s/{k}", f"shards/train-{k:06d}.tar", "train", 40_000, k * 40_000) for k in range(575)]
+    order = SampleOrder(shards, windows=1, seed=3, block_shards=4)
+    assert order.num_samples == 23_000_000
+    for p in (0, 22_999_999, 23_000_000 + 5_000_000, 45_999_999):
+        sid = int(order.samples_at(np.array([p, p]))[0])
+        assert 0 <= sid < order.num_samples
+    held = order.held_bytes()
+    block = 4 * 40_000 * 8
+    assert held <= 2 * block + 2 * 575 * 16 + 64 * 1024, held  # two block permutations + two epochs' shard plans
+    assert held < order.num_samples * 8 / 50
 
 
 def test_ranks_split_every_step_evenly_and_steps_do_not_depend_on_world_size(uneven):
@@ -166,21 +214,22 @@ def test_reads_the_same_samples_from_s3(uneven, tmp_path, s3_bucket):
     for a, b in zip([x for st in local_steps for x in st], [x for st in remote_steps for x in st]):
         assert a.sample_ids == b.sample_ids and np.array_equal(a.inputs, b.inputs)
     val = ValidationSet(remote, seq_len=64, micro_batch=2, rank=0, world=1, max_samples=100)
-    assert val.num_samples == 6
+    assert val.num_samples == 7 and len(val.batches) == 4
 
 
 def test_prefetch_reads_ahead_of_training(uneven):
     stream = TrainStream(uneven, seq_len=64, seed=0, global_batch=2, micro_batch=2, rank=0, world=1,
-                         block_shards=1, prefetch_blocks=3)
+                         block_shards=1, prefetch_micro_batches=3)
     try:
         deadline = time.monotonic() + 30
-        while stream._queue.qsize() < 3 and time.monotonic() < deadline:
+        while stream.ready() < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert stream._queue.qsize() == 3  # three blocks ready before the first batch is asked for
+        assert stream.ready() == 3 and len(stream._ahead) == 3  # three micro-batches read, no more
         stream.next_batch()
+        assert len(stream._ahead) == 3  # taking one puts the next in flight
     finally:
         stream.close()
-    assert not stream._thread.is_alive()
+    assert not stream.reader.alive()
 
 
 def test_manifest_and_shard_problems_are_reported(tmp_path, uneven):
@@ -189,39 +238,117 @@ def test_manifest_and_shard_problems_are_reported(tmp_path, uneven):
     raw = json.loads(storage.read_bytes(storage.join(uneven.root, "manifest.json")))
     bad = tmp_path / "future"
     bad.mkdir()
-    (bad / "manifest.json").write_text(json.dumps({**raw, "format_version": 2}))
-    with pytest.raises(DataError, match="format_version 2 is not supported"):
+    (bad / "manifest.json").write_text(json.dumps({**raw, "format_version": 3}))
+    with pytest.raises(DataError, match="format_version 3 is not supported"):
         Manifest.load(str(bad))
-    # A manifest that disagrees with its shards: the error reaches the training loop from the prefetch thread.
-    wrong = tmp_path / "wrong"
-    wrong.mkdir()
-    os.symlink(os.path.join(uneven.root, "shards"), wrong / "shards")
-    shards = [dict(s) for s in raw["shards"]]
-    shards[1]["rows"] = 22
-    (wrong / "manifest.json").write_text(json.dumps({**raw, "shards": shards}))
-    stream = TrainStream(Manifest.load(str(wrong)), seq_len=64, seed=0, global_batch=40, micro_batch=40, rank=0,
-                         world=1, block_shards=8)
-    try:
-        with pytest.raises(DataError, match="manifest places rows"):
-            stream.next_batch()
-    finally:
-        stream.close()
+
+    def stream_over(shard_entries, name):
+        wrong = tmp_path / name
+        wrong.mkdir()
+        os.symlink(os.path.join(uneven.root, "shards"), wrong / "shards")
+        (wrong / "manifest.json").write_text(json.dumps({**raw, "shards": shard_entries}))
+        return TrainStream(Manifest.load(str(wrong)), seq_len=64, seed=0, global_batch=40, micro_batch=40, rank=0,
+                           world=1, block_shards=8)
+
+    # An index whose offsets (after the first) point 1 KB too far: into the middle of rows.
+    offsets = shards_io.read_index(os.path.join(uneven.root, raw["shards"][1]["index"]), 23)
+    shifted = offsets + np.where(np.arange(24) > 0, 1024, 0).astype(np.uint64)
+    (tmp_path / "shifted.index.npy").write_bytes(shards_io.npy_bytes(shifted, shards_io.INDEX_DTYPE))
+    # A manifest that disagrees with its shards: the error reaches the training loop from the reading threads.
+    cases = {"rows": ({"rows": 22}, "row index is uint64\\(24,\\), expected uint64 \\(23,\\)"),
+             "index": ({"index": "../shifted.index.npy"}, "the row index says|expected 'train-000000"),
+             "v1": ({"rows": 22, "index": None}, "manifest places rows")}
+    for name, (change, message) in cases.items():
+        shards = [{k: v for k, v in s.items() if k != "first_row"} for s in raw["shards"]]  # only the shards can tell
+        shards[1].update(change)
+        stream = stream_over(shards, name)
+        try:
+            with pytest.raises(UserError, match=message):
+                stream.next_batch()
+        finally:
+            stream.close()
 
 
-def test_validation_is_split_evenly_and_in_order(uneven):
+def test_validation_spreads_over_the_whole_split_the_same_on_any_world_size(uneven):
     rows = all_rows(uneven, "validation")
-    # 7 rows x 2 windows = 14 samples; capped at 13, then truncated to a multiple of 2 ranks x 3 = 12.
-    parts = [ValidationSet(uneven, seq_len=32, micro_batch=3, rank=r, world=2, max_samples=13) for r in range(2)]
-    assert [p.num_samples for p in parts] == [12, 12]
-    assert [len(p.batches) for p in parts] == [2, 2]
-    ids = sorted(i for p in parts for b in p.batches for i in b.sample_ids)
-    assert ids == list(range(12))
-    for p in parts:
-        for b in p.batches:
-            for inputs, sid in zip(b.inputs, b.sample_ids):
-                row, window = divmod(sid, 2)
-                assert inputs.tolist() == rows[row][0][window * 32 : window * 32 + 32].tolist()
-    assert ValidationSet(uneven, seq_len=32, micro_batch=8, rank=0, world=2, max_samples=14).num_samples == 0
+    # 7 rows x 2 windows = 14 samples; 5 of them, evenly spread: ids floor(i * 14 / 5)
+    expected = [0, 2, 5, 8, 11]
+    for micro, world in [(1, 1), (3, 1), (1, 2), (3, 2), (2, 3), (4, 4)]:
+        parts = [ValidationSet(uneven, seq_len=32, micro_batch=micro, rank=r, world=world, max_samples=5)
+                 for r in range(world)]
+        assert [p.num_samples for p in parts] == [5] * world
+        passes = -(-(-(-5 // micro)) // world)
+        assert [len(p.batches) for p in parts] == [passes] * world  # the same forward passes on every rank
+        ids = [i for p in parts for b in p.batches for i in b.sample_ids if i >= 0]
+        assert sorted(ids) == expected  # the same samples, each once, whatever the world size
+        for p in parts:
+            for b in p.batches:
+                assert b.inputs.shape == b.targets.shape == (micro, 32) and b.inputs.dtype == np.int64
+                for inputs, targets, sid, slot in zip(b.inputs, b.targets, b.sample_ids, b.positions):
+                    if sid < 0:  # padding: nothing to predict
+                        assert slot == -1 and (targets == IGNORE_INDEX).all()
+                        continue
+                    assert p.sample_ids[slot] == sid
+                    row, window = divmod(sid, 2)
+                    assert inputs.tolist() == rows[row][0][window * 32 : window * 32 + 32].tolist()
+    # all of a small split; none asked, none run
+    assert ValidationSet(uneven, seq_len=32, micro_batch=8, rank=1, world=2, max_samples=100).num_samples == 14
+    assert len(ValidationSet(uneven, seq_len=32, micro_batch=2, rank=0, world=2, max_samples=0).batches) == 0
+
+
+_REDUCE = r"""
+import json, os, sys
+import numpy as np, torch, torch.distributed as dist
+from trainer.data import Manifest, ValidationSet
+root, init, rank, world, micro = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+val = ValidationSet(Manifest.load(root), seq_len=32, micro_batch=micro, rank=rank, world=world, max_samples=13)
+def value(sid):  # per-sample values of very different magnitudes: a sum that depends on its order
+    return [0.0, 0.0] if sid < 0 else [float(np.sin(sid) * 10.0 ** (sid % 9 - 4)), 1.0]
+rows = torch.tensor([value(s) for b in val.batches for s in b.sample_ids], dtype=torch.float64)
+exact = val.total(rows)
+naive = rows.sum(0)  # what a plain per-rank sum + all-reduce gives
+dist.all_reduce(naive)
+if rank == 0:
+    print(json.dumps({"exact": exact, "naive": naive.tolist(), "ids": val.sample_ids.tolist()}))
+dist.destroy_process_group()
+"""
+
+
+def test_validation_total_is_exact_and_the_same_on_any_world_size(uneven, tmp_path):
+    """World 1 here, world 2 as two gloo processes: the same samples and the same sums to the last bit."""
+    import math
+    import subprocess
+    import sys
+
+    import torch
+
+    init = f"file://{tmp_path}/rendezvous"
+    procs = [subprocess.Popen([sys.executable, "-c", _REDUCE, uneven.root, init, str(r), "2", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    val = ValidationSet(uneven, seq_len=32, micro_batch=2, rank=0, world=1, max_samples=13)
+    rows = torch.tensor([[float(np.sin(s) * 10.0 ** (s % 9 - 4)), 1.0] if s >= 0 else [0.0, 0.0]
+                         for b in val.batches for s in b.sample_ids], dtype=torch.float64)
+    single = {"exact": val.total(rows), "naive": rows.sum(0).tolist(), "ids": val.sample_ids.tolist()}
+    outs = [p.communicate(timeout=90) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    two = json.loads(outs[0][0].strip().splitlines()[-1])
+    truth = math.fsum(float(np.sin(s) * 10.0 ** (s % 9 - 4)) for s in single["ids"])
+    assert two["ids"] == single["ids"] and len(single["ids"]) == 13
+    assert two["exact"] == single["exact"] == [truth, 13.0]
+    # the plain reduction really does depend on the world size here (else this test could not catch it)
+    assert two["naive"][0] != single["naive"][0]
+
+
+def test_data_config_keys_are_checked():
+    from trainer.ds_config import ConfigError, load_config
+
+    assert load_config("7b")["data"]["prefetch_micro_batches"] == 8
+    with pytest.raises(ConfigError, match="data.prefetch_blocks was replaced by data.prefetch_micro_batches"):
+        load_config("tiny", ["data.prefetch_blocks=2"])
+    for key in ("prefetch_micro_batches", "read_threads", "shuffle_block_shards"):
+        with pytest.raises(ConfigError, match=f"data.{key} must be positive"):
+            load_config("tiny", [f"data.{key}=0"])
 
 
 def test_sample_record_keeps_the_last_attempt(tmp_path):

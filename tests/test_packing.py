@@ -162,4 +162,4 @@ def test_a_failed_shard_write_leaves_no_shard_and_stale_temporaries_are_removed(
     stale = tmp_path / ".train-000000.tar.deadbeef.tmp"  # what a SIGKILLed writer leaves behind
     stale.write_bytes(b"partial")
     shards.write_shard(str(target), "train", packing.pack(_images([3]), 8, BOS, EOS))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.index.npy", "train-000000.tar"]

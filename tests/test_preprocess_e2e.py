@@ -5,7 +5,6 @@ transient S3 errors, refused mixing, byte-identical output whatever the workers,
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import re
@@ -13,9 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jsonschema
@@ -26,7 +23,7 @@ import pytest
 from jpeglm import cli
 from pipeline import codec, packing, preprocess, shards, stats, storage
 
-from helpers import parquet_bytes, tar_bytes
+from helpers import S3Proxy, parquet_bytes, tar_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -380,75 +377,15 @@ def test_given_tokenizer_is_reused_and_gives_the_same_shards(clean_local, mixed_
         assert all(np.array_equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a[split], b[split]))
 
 
-class _FlakyS3Proxy(ThreadingHTTPServer):
-    """An HTTP proxy in front of the moto server that answers every `every`-th request with 503 SlowDown, as S3
-    does under load. Clients see a real, transiently failing S3 endpoint."""
-
-    daemon_threads = True
-
-    def __init__(self, upstream: str, every: int):
-        self.upstream = upstream.removeprefix("http://")
-        self.every, self.count, self.failed = every, 0, 0
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _ProxyHandler)
-
-
-class _ProxyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def _handle(self):
-        server: _FlakyS3Proxy = self.server
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        with server.lock:
-            server.count += 1
-            fail = server.count % server.every == 0
-            server.failed += fail
-        if fail:
-            payload = (b"<?xml version='1.0'?><Error><Code>SlowDown</Code>"
-                       b"<Message>Reduce your request rate.</Message></Error>")
-            self.send_response(503)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(payload)
-            return
-        conn = http.client.HTTPConnection(server.upstream, timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding")}
-        conn.request(self.command, self.path, body=body, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
-        self.send_response(resp.status, resp.reason)
-        for k, v in resp.getheaders():
-            if k.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
-                self.send_header(k, v)
-        # a HEAD answer has no body but tells the object's size
-        length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
-        self.send_header("Content-Length", length)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-        conn.close()
-
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
-
-
 def test_transient_s3_errors_are_retried(clean_local, mixed_inputs, s3_endpoint, s3_bucket):
     root, _ = mixed_inputs
     for path in sorted(root.rglob("*")):
         if path.is_file():
             storage.write_bytes(f"{s3_bucket}/in/{path.relative_to(root)}", path.read_bytes())
-    proxy = _FlakyS3Proxy(s3_endpoint, every=20)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
-        endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
-        proc = _subprocess(f"{s3_bucket}/in", f"{s3_bucket}/out", env_extra={"AWS_ENDPOINT_URL": endpoint})
+    # every 20th request answered 503 SlowDown, as S3 does under load
+    with S3Proxy(s3_endpoint, fail_every=20) as proxy:
+        proc = _subprocess(f"{s3_bucket}/in", f"{s3_bucket}/out", env_extra={"AWS_ENDPOINT_URL": proxy.endpoint})
         _finish(proc)
-    finally:
-        proxy.shutdown()
     print(f"proxy: {proxy.failed} of {proxy.count} requests failed")
     assert proxy.failed >= 10  # the job met plenty of errors ...
     clean = _data_files(clean_local)

@@ -1,4 +1,4 @@
-"""The training data stream: deterministic, resumable, equal work on every rank, prefetched from local disk or S3.
+"""The training data stream: deterministic, resumable, equal work on every rank, read ahead from local disk or S3.
 
 Samples. A data row (the manifest's seq_len tokens, 12,288 by default) is cut into `windows_per_row =
 row_len / seq_len` windows of the model's context `seq_len` (it must divide). A sample is one (row, window), with
@@ -7,203 +7,57 @@ tokens and predicts, at each position, the row's next token; the last position o
 token in the row and is masked, as are targets at or beyond the row's `valid_tokens` (padding of a split's last
 row). So every token of a row after the first is a target exactly once, whatever the window size.
 
-Order. For each epoch a permutation is a pure function of (seed, epoch): the train shards are permuted, grouped
-into blocks of `block_shards` consecutive shards, and the samples of each block are permuted. Epochs are
-concatenated into one endless stream of positions: position p is sample order(p // N)[p % N] (N = samples per
-epoch). Nothing is dropped or padded: a step that straddles an epoch boundary takes the end of one epoch and the
-start of the next, so within an epoch every sample is used exactly once across all ranks. Reading a block of a few
-whole shards sequentially (one GET each on S3) is what keeps I/O cheap; the shuffle is block-local by design.
+Order and ranks (trainer/order.py): position -> sample is a pure function of (seed, epoch) with a block-local
+shuffle; step s takes the next global_batch_size positions and rank r of W a contiguous slice of them, as equal
+micro-batches. Within an epoch every sample is used exactly once across all ranks; nothing is dropped or padded. The
+whole loader state is `consumed` (positions used so far), saved with every checkpoint.
 
-Steps and ranks. An optimizer step consumes the next G = global_batch_size positions, whatever the world size;
-of those, rank r of W takes the contiguous slice [r*G/W, (r+1)*G/W), as G/W/micro consecutive micro-batches. Every
-rank therefore does the same number of forward passes (uneven shards cannot deadlock ZeRO-3), and the samples of
-a step do not depend on the world size, so a run resumed on another number of processes continues the same order.
-The whole loader state is `consumed` (positions used so far), saved with every checkpoint.
+Reading (trainer/rows.py). Each rank fetches only the rows of its own positions: the next `prefetch_micro_batches`
+micro-batches are always being read (ranged reads through each shard's row index, adjacent rows coalesced, on
+`read_threads` threads), so the host memory of the loader is O(read-ahead x micro-batch), whatever the shard size
+or world size. Rows stay uint16 until a micro-batch is built; only the batch arrays are int64. Data without row
+indexes (format_version 1) is read the old way: each shard of a block whole, keeping this rank's rows of the block.
 
-Reading. A background thread walks this rank's future positions block by block, reads the block's shards
-(concurrently, each sequentially, with retries) keeping only the rows this rank needs, and queues the block's
-samples, `prefetch_blocks` blocks ahead of training. Each rank reads every shard of a block but keeps ~1/W of it:
-rows are 24 KB and a large-model step takes seconds, so this costs little bandwidth and needs no random access.
+Validation (ValidationSet): `max_samples` samples spread evenly over the whole validation split, the same ones on
+any world size, and an exact, order-free sum over them (`ValidationSet.total`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
+import math
 import os
-import queue
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict, deque
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from jpeglm.errors import UserError
-from pipeline import storage
-from pipeline.shards import manifest_format_problem
+# Manifest, ShardRef, SampleOrder, read_rows: re-exported (the trainer and tests import the loader's names from here)
+from trainer.manifest import DataError, Manifest, ShardRef, windows_per_row  # noqa: F401
+from trainer.order import SampleOrder, micro_batch_positions, rank_positions
+from trainer.rows import RowReader, Rows, read_rows  # noqa: F401
 
-log = logging.getLogger(__name__)
-
-MANIFEST_NAME = "manifest.json"
 IGNORE_INDEX = -100  # target value masked out of the loss (torch's cross_entropy default)
 
 
-class DataError(UserError, ValueError):
-    """The data (manifest, shards) cannot be used as asked; the message says why."""
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    uri: str
-    path: str  # as in the manifest, relative to it
-    split: str
-    rows: int
-    first_row: int  # index (within its split) of the shard's first row
-
-
-@dataclass
-class Manifest:
-    root: str
-    raw: dict
-    seq_len: int
-    shards: list[ShardRef]
-
-    @classmethod
-    def load(cls, uri: str) -> "Manifest":
-        """`uri` is a preprocess output folder (local or s3://) or its manifest.json."""
-        root = uri[: -len(MANIFEST_NAME)].rstrip("/") if uri.endswith(MANIFEST_NAME) else uri.rstrip("/")
-        path = storage.join(root, MANIFEST_NAME)
-        try:
-            raw = json.loads(storage.read_bytes(path))
-        except FileNotFoundError:
-            raise DataError(f"no {MANIFEST_NAME} under {root}: not a finished `jpeglm preprocess` output") from None
-        problem = manifest_format_problem(raw)
-        if problem:
-            raise DataError(f"{path}: {problem}")
-        if raw.get("token_dtype", "uint16") != "uint16":
-            raise DataError(f"{path}: token_dtype {raw.get('token_dtype')!r} is not uint16")
-        shards, next_row = [], {}
-        for entry in raw["shards"]:
-            split = entry["split"]
-            first = next_row.get(split, 0)
-            if entry.get("first_row", first) != first:
-                raise DataError(f"{path}: shard {entry['path']} says first_row {entry['first_row']}, but the shards "
-                                f"listed before it hold {first} {split} rows")
-            shards.append(ShardRef(storage.join(root, entry["path"]), entry["path"], split, int(entry["rows"]), first))
-            next_row[split] = first + int(entry["rows"])
-        return cls(root=root, raw=raw, seq_len=int(raw["seq_len"]), shards=shards)
-
-    def split(self, name: str) -> list[ShardRef]:
-        return [s for s in self.shards if s.split == name and s.rows > 0]
-
-    @property
-    def tokenizer(self) -> dict:
-        return self.raw["tokenizer"]
-
-    @property
-    def fingerprint(self) -> str:
-        """The tokenizer fingerprint: data made with another tokenizer is another language to the model."""
-        return self.raw["tokenizer"]["fingerprint"]
-
-    @property
-    def tokenizer_uri(self) -> str:
-        return storage.join(self.root, self.raw["tokenizer"].get("path", "tokenizer.model"))
-
-
-def windows_per_row(row_len: int, seq_len: int) -> int:
-    if seq_len > row_len or row_len % seq_len:
-        raise DataError(
-            f"train.seq_len={seq_len} must divide the data's row length {row_len} (the manifest's seq_len): "
-            f"rows are cut into equal windows. Use e.g. train.seq_len={_divisor_hint(row_len, seq_len)}"
-        )
-    return row_len // seq_len
-
-
-def _divisor_hint(n: int, near: int) -> int:
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return min(divisors, key=lambda d: abs(d - near))
-
-
-def permutation(n: int, *seed_words: int) -> np.ndarray:
-    """A permutation of range(n) that depends only on the seed words: argsort of PCG64 raw outputs, whose stream
-    NumPy guarantees across versions (Generator.permutation's algorithm may change, which would break resume)."""
-    keys = np.random.PCG64(np.random.SeedSequence([int(w) for w in seed_words])).random_raw(n)
-    return np.argsort(keys, kind="stable")
-
-
-class SampleOrder:
-    """Position -> sample id for the train split: a pure function of (shards, windows, seed, block size)."""
-
-    def __init__(self, shards: list[ShardRef], windows: int, seed: int, block_shards: int):
-        if not shards:
-            raise DataError("the data has no train rows")
-        self.shards, self.windows, self.seed, self.block_shards = shards, windows, seed, block_shards
-        self.num_samples = sum(s.rows for s in shards) * windows
-        self._cache: dict[int, tuple[np.ndarray, list[tuple[int, int, list[int]]]]] = {}
-
-    def fingerprint(self) -> str:
-        """Changes whenever the same position would map to another sample (other data, window, seed, blocks)."""
-        desc = {
-            "shards": [(s.path, s.rows) for s in self.shards],
-            "windows": self.windows,
-            "seed": self.seed,
-            "block_shards": self.block_shards,
-            "algorithm": 1,
-        }
-        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
-
-    def epoch(self, epoch: int) -> tuple[np.ndarray, list[tuple[int, int, list[int]]]]:
-        """(order: sample id of each position of the epoch, blocks: (start, end, shard indices) in positions)."""
-        if epoch not in self._cache:
-            shard_order = permutation(len(self.shards), self.seed, epoch, 0)
-            parts, blocks, start = [], [], 0
-            for b, i in enumerate(range(0, len(shard_order), self.block_shards)):
-                members = [int(k) for k in shard_order[i : i + self.block_shards]]
-                ids = np.concatenate(
-                    [
-                        np.arange(self.shards[k].first_row * self.windows,
-                                  (self.shards[k].first_row + self.shards[k].rows) * self.windows, dtype=np.int64)
-                        for k in members
-                    ]
-                )
-                parts.append(ids[permutation(len(ids), self.seed, epoch, 1, b)])
-                blocks.append((start, start + len(ids), members))
-                start += len(ids)
-            if len(self._cache) >= 2:  # current and next epoch
-                self._cache.pop(min(self._cache))
-            self._cache[epoch] = (np.concatenate(parts), blocks)
-        return self._cache[epoch]
-
-    def samples_at(self, positions: np.ndarray) -> np.ndarray:
-        positions = np.asarray(positions, dtype=np.int64)
-        out = np.empty(len(positions), dtype=np.int64)
-        epochs = positions // self.num_samples
-        for e in np.unique(epochs):
-            mask = epochs == e
-            out[mask] = self.epoch(int(e))[0][positions[mask] - e * self.num_samples]
-        return out
-
-
-def rank_positions(lo: int, hi: int, start: int, global_batch: int, rank: int, world: int) -> np.ndarray:
-    """This rank's positions in [lo, hi), for steps taking global_batch positions each from `start` on."""
-    per_rank = global_batch // world
-    p = np.arange(max(lo, start), hi, dtype=np.int64)
-    slot = (p - start) % global_batch
-    return p[(slot >= rank * per_rank) & (slot < (rank + 1) * per_rank)]
-
-
-def window_arrays(row_tokens: np.ndarray, valid_tokens: int, window: int,
-                  seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets) of one window of a row: inputs = row[w*T : (w+1)*T], targets = the next token of each,
-    IGNORE_INDEX where that next token is past the row or its valid part."""
+def window_slice(row_tokens: np.ndarray, valid_tokens: int, window: int, seq_len: int) -> tuple[np.ndarray, int]:
+    """(the window's tokens plus the next one, uint16, a view; how many of its targets are real): all a sample
+    needs, at 2 bytes per token."""
     lo = window * seq_len
-    inputs = row_tokens[lo : lo + seq_len].astype(np.int64)
-    targets = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
-    nxt = row_tokens[lo + 1 : lo + seq_len + 1].astype(np.int64)
-    n_valid = max(0, min(len(nxt), valid_tokens - lo - 1))
-    targets[:n_valid] = nxt[:n_valid]
+    return row_tokens[lo : lo + seq_len + 1], max(0, min(seq_len, valid_tokens - lo - 1, len(row_tokens) - lo - 1))
+
+
+def batch_arrays(slices: Sequence[tuple[np.ndarray, int]], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 (inputs, targets) of shape (len(slices), seq_len) from window slices: inputs = the window's tokens,
+    targets = each one's next token, IGNORE_INDEX where that is past the row or its valid part. An empty slice is
+    a padding row: inputs 0, every target masked."""
+    inputs = np.zeros((len(slices), seq_len), dtype=np.int64)
+    targets = np.full((len(slices), seq_len), IGNORE_INDEX, dtype=np.int64)
+    for i, (tokens, n_valid) in enumerate(slices):
+        inputs[i, : min(seq_len, len(tokens))] = tokens[:seq_len]
+        targets[i, :n_valid] = tokens[1 : n_valid + 1]
     return inputs, targets
 
 
@@ -211,35 +65,8 @@ def window_arrays(row_tokens: np.ndarray, valid_tokens: int, window: int,
 class Batch:
     inputs: np.ndarray  # (micro, seq_len) int64
     targets: np.ndarray  # (micro, seq_len) int64, IGNORE_INDEX = masked
-    positions: list[int]
-    sample_ids: list[int]
-
-
-def read_rows(shard: ShardRef, row_len: int, wanted: set[int] | None = None) -> dict[int, tuple[np.ndarray, int]]:
-    """{row: (tokens, valid_tokens)} for the wanted rows (default: all) of one shard, read sequentially, checked
-    against the manifest; the whole read is retried on transient I/O errors."""
-    from pipeline.shards import read_samples
-
-    def _read() -> dict[int, tuple[np.ndarray, int]]:
-        out, seen = {}, 0
-        for key, tokens, meta in read_samples(shard.uri):
-            row = int(meta["row"])
-            if not shard.first_row <= row < shard.first_row + shard.rows or meta.get("split") != shard.split:
-                raise DataError(
-                    f"{shard.uri}: sample {key} is {meta.get('split')} row {row}, but the manifest places rows "
-                    f"[{shard.first_row}, {shard.first_row + shard.rows}) of {shard.split} in this shard"
-                )
-            if tokens.shape != (row_len,) or tokens.dtype != np.uint16:
-                raise DataError(f"{shard.uri}: sample {key} has tokens {tokens.dtype}{tokens.shape}, "
-                                f"expected uint16 ({row_len},)")
-            seen += 1
-            if wanted is None or row in wanted:
-                out[row] = (tokens, int(meta["valid_tokens"]))
-        if seen != shard.rows:
-            raise DataError(f"{shard.uri}: {seen} rows, but the manifest says {shard.rows}")
-        return out
-
-    return storage.retry(_read, f"read shard {shard.uri}")
+    positions: list[int]  # train: stream positions; validation: sample slots (-1 = a padding row)
+    sample_ids: list[int]  # -1 = a padding row
 
 
 class TrainStream:
@@ -256,7 +83,7 @@ class TrainStream:
         world: int,
         consumed: int = 0,
         block_shards: int = 4,
-        prefetch_blocks: int = 2,
+        prefetch_micro_batches: int = 8,
         read_threads: int = 4,
     ):
         if global_batch % (micro_batch * world):
@@ -269,13 +96,15 @@ class TrainStream:
         self.global_batch, self.micro_batch, self.rank, self.world = global_batch, micro_batch, rank, world
         self.start = consumed
         self.consumed = consumed  # positions of whole steps handed out (the resumable state)
-        self._pending: list[tuple[int, int, np.ndarray, np.ndarray]] = []
-        self._queue: queue.Queue = queue.Queue(maxsize=prefetch_blocks)
-        self._stop = threading.Event()
-        self._read_threads = read_threads
+        self.prefetch = max(1, prefetch_micro_batches)
+        # indexes of the current block's shards and the next block's
+        self.reader = RowReader(self.order.shards, self.row_len, read_threads, f"data-read-rank{rank}",
+                                keep_indexes=2 * block_shards)
+        self._ahead: deque[tuple[np.ndarray, np.ndarray, list[Future]]] = deque()
+        self._submitted = 0  # micro-batches of this rank put in flight
+        self._whole: OrderedDict[tuple[int, int], Future] = OrderedDict()  # (epoch, shard) -> rows (no index)
         self._micro_in_step = 0
-        self._thread = threading.Thread(target=self._produce, name=f"data-prefetch-rank{rank}", daemon=True)
-        self._thread.start()
+        self._fill()
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -285,104 +114,152 @@ class TrainStream:
         return {"consumed": self.consumed, "order_fingerprint": self.order.fingerprint(),
                 "global_batch": self.global_batch, "samples_per_epoch": self.order.num_samples}
 
+    def io_stats(self) -> dict:
+        """Reads issued and bytes fetched by this rank so far (ranged reads, row indexes, whole shards), and the
+        samples they were for (consumed and read ahead)."""
+        return {"requests": self.reader.requests, "bytes": self.reader.bytes,
+                "samples": self._submitted * self.micro_batch}
+
+    def ready(self) -> int:
+        """Micro-batches read ahead and ready (all their reads done)."""
+        return sum(all(f.done() for f in parts) for _, _, parts in self._ahead)
+
     def next_batch(self) -> Batch:
         """The next micro-batch of this rank; `consumed` advances by G after the step's last micro-batch."""
-        while len(self._pending) < self.micro_batch:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            self._pending.extend(item)
-        take, self._pending = self._pending[: self.micro_batch], self._pending[self.micro_batch :]
+        positions, sample_ids, parts = self._ahead.popleft()
+        self._fill()
+        needed = set((sample_ids // self.windows).tolist())
+        rows: Rows = {}
+        for f in parts:
+            got = f.result()  # a whole-shard read holds more rows than this micro-batch's
+            rows.update({r: got[r] for r in needed if r in got})
+        slices = [window_slice(*rows[sid // self.windows], sid % self.windows, self.seq_len)
+                  for sid in sample_ids.tolist()]
+        inputs, targets = batch_arrays(slices, self.seq_len)
         self._micro_in_step += 1
         if self._micro_in_step == self.micro_batches_per_step:
             self._micro_in_step = 0
             self.consumed += self.global_batch
-        return Batch(
-            inputs=np.stack([t[2] for t in take]),
-            targets=np.stack([t[3] for t in take]),
-            positions=[t[0] for t in take],
-            sample_ids=[t[1] for t in take],
-        )
+        return Batch(inputs, targets, positions.tolist(), sample_ids.tolist())
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the prefetch thread; a read stuck on storage is abandoned after `timeout` (the thread is a daemon)."""
-        self._stop.set()
-        deadline = time.monotonic() + timeout
-        while self._thread.is_alive() and time.monotonic() < deadline:
-            try:  # unblock a producer waiting on a full queue
-                self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            self._thread.join(timeout=0.1)
+        """Stop reading; a read stuck on storage is abandoned after `timeout` (the threads are daemons)."""
+        self._ahead.clear()
+        self._whole.clear()
+        self.reader.close(timeout)
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def _fill(self) -> None:
+        """Put micro-batches in flight until `prefetch` are."""
+        while len(self._ahead) < self.prefetch:
+            positions = micro_batch_positions(self.start, self._submitted, self.global_batch, self.micro_batch,
+                                              self.rank, self.world)
+            sample_ids = self.order.samples_at(positions)
+            rows = sample_ids // self.windows
+            owners = self.reader.shard_of(rows)
+            parts: list[Future] = []
+            for k in np.unique(owners).tolist():
+                if self.reader.indexed(k):
+                    parts += self.reader.read(k, rows[owners == k])
+                else:  # a micro-batch may straddle two epochs, where the shard is in other blocks
+                    epochs, blocks = self.order.locate(positions[owners == k])
+                    parts += [self._whole_shard(k, e, b) for e, b in sorted(set(zip(epochs.tolist(), blocks.tolist())))]
+            self._ahead.append((positions, sample_ids, parts))
+            self._submitted += 1
 
-    def _produce(self) -> None:
-        try:
+    def _whole_shard(self, k: int, epoch: int, block: int) -> Future:
+        """Rows of shard k (no index) that this rank uses in `epoch`, where the shard is in `block`: the rank's rows
+        of the block, read once per epoch; kept for two blocks."""
+        key = (epoch, k)
+        if key not in self._whole:
             n = self.order.num_samples
-            epoch = self.start // n
-            with ThreadPoolExecutor(self._read_threads, thread_name_prefix=f"shard-read-rank{self.rank}") as pool:
-                while not self._stop.is_set():
-                    order, blocks = self.order.epoch(epoch)
-                    for lo, hi, members in blocks:
-                        positions = rank_positions(epoch * n + lo, epoch * n + hi, self.start, self.global_batch,
-                                                   self.rank, self.world)
-                        if len(positions) == 0:
-                            continue
-                        samples = self._read_block(pool, positions, order[positions - epoch * n], members)
-                        if not self._put(samples):
-                            return
-                    epoch += 1
-        except BaseException as e:  # noqa: BLE001 - handed to the training loop, which raises it
-            self._put(e)
-
-    def _read_block(self, pool, positions, sample_ids, members) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
-        rows = sample_ids // self.windows
-        wanted = set(int(r) for r in rows)
-        shards = [self.order.shards[k] for k in members]
-        needed = [s for s in shards if any(s.first_row <= r < s.first_row + s.rows for r in wanted)]
-        loaded: dict[int, tuple[np.ndarray, int]] = {}
-        for part in pool.map(lambda s: read_rows(s, self.row_len, wanted), needed):
-            loaded.update(part)
-        out = []
-        for pos, sid in zip(positions.tolist(), sample_ids.tolist()):
-            tokens, valid = loaded[sid // self.windows]
-            inputs, targets = window_arrays(tokens, valid, sid % self.windows, self.seq_len)
-            out.append((pos, sid, inputs, targets))
-        return out
+            starts, _ = self.order.blocks(epoch)
+            mine = rank_positions(epoch * n + int(starts[block]), epoch * n + int(starts[block + 1]), self.start,
+                                  self.global_batch, self.rank, self.world)
+            self._whole[key] = self.reader.read_whole(k, self.order.samples_at(mine) // self.windows)
+            while len(self._whole) > 2 * self.order.block_shards:
+                self._whole.popitem(last=False)
+        return self._whole[key]
 
 
 class ValidationSet:
-    """The first `max_samples` validation samples (rows x windows, in order), truncated to a multiple of
-    world x micro so every rank runs the same number of forward passes; rank r takes every W-th micro-batch.
-    Read once, kept in memory (a validation pass must never wait on storage)."""
+    """`max_samples` validation samples spread evenly over the whole split (sample ids floor(i * available / n),
+    i < n), the same on any world size. Micro-batch b holds samples [b*micro, (b+1)*micro) (the last one padded with
+    masked rows); rank r runs micro-batches r, r+W, ..., and a rank with none left runs a fully masked one, so every
+    rank runs the same number of forward passes. Only this rank's windows are kept, as uint16 (a validation pass
+    must never wait on storage); the int64 batches are built when iterated."""
 
-    def __init__(self, manifest: Manifest, seq_len: int, micro_batch: int, rank: int, world: int, max_samples: int):
+    def __init__(self, manifest: Manifest, seq_len: int, micro_batch: int, rank: int, world: int, max_samples: int,
+                 read_threads: int = 4):
+        self.seq_len, self.micro_batch = seq_len, micro_batch
         windows = windows_per_row(manifest.seq_len, seq_len)
         shards = manifest.split("validation")
         available = sum(s.rows for s in shards) * windows
-        per_round = micro_batch * world
-        self.num_samples = min(available, max_samples) // per_round * per_round
-        self.batches: list[Batch] = []
-        if self.num_samples == 0:
-            return
-        mine = [i for i in range(self.num_samples) if (i // micro_batch) % world == rank]
-        wanted = {i // windows for i in mine}
-        loaded: dict[int, tuple[np.ndarray, int]] = {}
-        for shard in shards:
-            if shard.first_row <= max(wanted) and shard.first_row + shard.rows > min(wanted):
-                loaded.update(read_rows(shard, manifest.seq_len, wanted))
-        for b in range(0, len(mine), micro_batch):
-            ids = mine[b : b + micro_batch]
-            arrays = [window_arrays(*loaded[i // windows], i % windows, seq_len) for i in ids]
-            self.batches.append(Batch(np.stack([a[0] for a in arrays]), np.stack([a[1] for a in arrays]), ids, ids))
+        n = self.num_samples = min(available, max_samples)
+        self.sample_ids = (np.arange(n, dtype=np.int64) * available) // max(n, 1)
+        per_rank = -(-math.ceil(n / micro_batch) // world)  # forward passes per rank
+        # this rank's slots (index into sample_ids; -1 = padding), one list per micro-batch
+        self._slots = [[s if s < n else -1 for s in range(b * micro_batch, (b + 1) * micro_batch)]
+                       for b in range(rank, per_rank * world, world)]
+        mine = [self.sample_ids[s] for slots in self._slots for s in slots if s >= 0]
+        self._windows: dict[int, tuple[np.ndarray, int]] = {}
+        if mine:
+            reader = RowReader(shards, manifest.seq_len, read_threads, f"validation-read-rank{rank}")
+            try:
+                rows = reader.read_all(sid // windows for sid in mine)
+            finally:
+                reader.close()
+            for sid in mine:
+                tokens, n_valid = window_slice(*rows[sid // windows], sid % windows, seq_len)
+                self._windows[int(sid)] = (tokens.copy(), n_valid)  # a copy: the row itself is not kept
+
+    @property
+    def batches(self) -> "ValidationBatches":
+        return ValidationBatches(self)
+
+    def batch(self, i: int) -> Batch:
+        slots = self._slots[i]
+        ids = [int(self.sample_ids[s]) if s >= 0 else -1 for s in slots]
+        padding = (np.empty(0, np.uint16), 0)
+        inputs, targets = batch_arrays([self._windows[sid] if sid >= 0 else padding for sid in ids], self.seq_len)
+        return Batch(inputs, targets, list(slots), ids)
+
+    def total(self, per_sample) -> list[float]:
+        """Sums over the whole validation sample of per-sample values, equal to the last bit on any world size.
+
+        `per_sample`: a float tensor (rows, k), one row per row of this rank's batches in order (padding rows
+        included, ignored). Each value is put in its sample's slot of a (num_samples, k) zero tensor; an all-reduce
+        of those adds only zeros to each value, so it is exact; math.fsum then sums each column correctly rounded,
+        whatever the order."""
+        import torch
+        import torch.distributed as dist
+
+        slots = torch.tensor([s for slots in self._slots for s in slots], dtype=torch.long)
+        if per_sample.shape[0] != len(slots):
+            raise ValueError(f"{per_sample.shape[0]} per-sample rows for {len(slots)} rows of this rank's batches")
+        full = torch.zeros((self.num_samples, per_sample.shape[1]), dtype=torch.float64, device=per_sample.device)
+        keep = slots >= 0
+        full[slots[keep].to(full.device)] = per_sample[keep.to(per_sample.device)].to(torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(full)
+        return [math.fsum(column) for column in full.cpu().T.tolist()]
+
+
+class ValidationBatches(Sequence):
+    """This rank's validation micro-batches, built (int64) when accessed."""
+
+    def __init__(self, val: ValidationSet):
+        self._val = val
+
+    def __len__(self) -> int:
+        return len(self._val._slots)
+
+    def __getitem__(self, i: int) -> Batch:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self._val.batch(i % len(self))
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (self._val.batch(i) for i in range(len(self)))
 
 
 class SampleRecord:

@@ -10,7 +10,7 @@ default in DEFAULTS below, and an unknown section or key is an error (a typo mus
     checkpoint  every_steps, keep_last
     eval        every_steps, max_samples
     log         every_steps, tensorboard, peak_tflops
-    data        shuffle_block_shards, prefetch_blocks, read_threads
+    data        shuffle_block_shards, prefetch_micro_batches, read_threads
 
 Overrides use dotted keys, values parsed as YAML: `optimizer.lr=1e-3 model.n_layers=2 train.device=cpu`.
 """
@@ -79,7 +79,9 @@ DEFAULTS: dict[str, dict] = {
     },
     "eval": {
         "every_steps": 250,  # validation loss on the manifest's validation split; 0 = only at the end
-        "max_samples": 256,  # validation samples (rows x windows) per evaluation, from the start of the split
+        # validation samples (rows x windows) per evaluation, spread evenly over the whole split, the same on any
+        # number of processes (all of them when the split has fewer)
+        "max_samples": 256,
     },
     "log": {
         "every_steps": 10,  # console line every N steps (metrics.jsonl and TensorBoard get every step)
@@ -88,8 +90,9 @@ DEFAULTS: dict[str, dict] = {
     },
     "data": {
         "shuffle_block_shards": 4,  # rows are shuffled within blocks of this many (permuted) shards
-        "prefetch_blocks": 2,  # blocks read ahead of training by a background thread
-        "read_threads": 4,  # shards of one block read concurrently
+        # micro-batches of this process read ahead of training (host memory: this x micro x the row's bytes)
+        "prefetch_micro_batches": 8,
+        "read_threads": 4,  # reads in flight per process (ranged reads of rows, row indexes)
     },
 }
 
@@ -139,6 +142,8 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> dic
     return cfg
 
 
+# Keys of older jpeglm versions -> what replaced them (read-ahead is counted in micro-batches, not shard blocks).
+_RENAMED = {("data", "prefetch_blocks"): "prefetch_micro_batches (read-ahead in micro-batches)"}
 # Keys whose default is None: the type a non-null value must have.
 _NULLABLE_TYPES = {("model", "n_kv_heads"): int, ("log", "peak_tflops"): float}
 
@@ -150,6 +155,8 @@ def _set(cfg: dict, dotted: str, value, origin: str) -> None:
     section, key = parts
     if section not in DEFAULTS:
         raise ConfigError(f"{origin}: unknown section {section!r} in {dotted!r}; sections: {sorted(DEFAULTS)}")
+    if (section, key) in _RENAMED:
+        raise ConfigError(f"{origin}: {dotted} was replaced by {section}.{_RENAMED[section, key]}")
     if key not in DEFAULTS[section]:
         raise ConfigError(f"{origin}: unknown key {dotted!r}; keys of {section}: {sorted(DEFAULTS[section])}")
     if value is not None:
@@ -190,7 +197,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"model: {e}") from None
     t = cfg["train"]
     positive = [("train", "seq_len"), ("train", "micro_batch_size"), ("train", "global_batch_size"),
-                ("optimizer", "lr"), ("data", "shuffle_block_shards"), ("data", "prefetch_blocks"),
+                ("optimizer", "lr"), ("data", "shuffle_block_shards"), ("data", "prefetch_micro_batches"),
                 ("data", "read_threads"), ("checkpoint", "keep_last"), ("model", "n_layers")]
     for section, key in positive:
         if cfg[section][key] is None or cfg[section][key] <= 0:

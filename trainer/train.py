@@ -355,8 +355,10 @@ def setup(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> Context:
 
     stream = TrainStream(manifest, t["seq_len"], t["seed"], t["global_batch_size"], t["micro_batch_size"], rank, world,
                          consumed=consumed, block_shards=cfg["data"]["shuffle_block_shards"],
-                         prefetch_blocks=cfg["data"]["prefetch_blocks"], read_threads=cfg["data"]["read_threads"])
-    val = ValidationSet(manifest, t["seq_len"], t["micro_batch_size"], rank, world, cfg["eval"]["max_samples"])
+                         prefetch_micro_batches=cfg["data"]["prefetch_micro_batches"],
+                         read_threads=cfg["data"]["read_threads"])
+    val = ValidationSet(manifest, t["seq_len"], t["micro_batch_size"], rank, world, cfg["eval"]["max_samples"],
+                        read_threads=cfg["data"]["read_threads"])
     byte_lengths = torch.tensor([len(b) for b in tokenizer.token_bytes()], dtype=torch.float64, device=engine.device)
     device_name = torch.cuda.get_device_name() if device == "cuda" else None
     peak = peak_tflops(device_name, cfg["log"]["peak_tflops"])
