@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
-import socket
 import tarfile
-import threading
-import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pyarrow as pa
@@ -93,81 +87,3 @@ def write_dataset(root: str, shard_rows: dict[str, list[int]], row_len: int, see
     return root
 
 
-class S3Proxy(ThreadingHTTPServer):
-    """An HTTP proxy on 127.0.0.1 in front of the moto server that counts what clients ask and get: requests per
-    method and the body bytes of GET answers (what a real S3 bills as requests and egress). With fail_every=N it
-    answers every N-th request with 503 SlowDown, as S3 does under load; delay_s adds latency to every request.
-    Use as a context manager; `endpoint` is its URL (set AWS_ENDPOINT_URL to it in a fresh process: s3fs keeps one
-    client per process)."""
-
-    daemon_threads = True
-
-    def __init__(self, upstream: str, fail_every: int = 0, delay_s: float = 0.0):
-        self.upstream = upstream.removeprefix("http://")
-        self.fail_every, self.delay_s, self.count, self.failed = fail_every, delay_s, 0, 0
-        self.methods: Counter = Counter()
-        self.get_bytes = 0
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _S3ProxyHandler)
-        self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
-
-    def __enter__(self) -> "S3Proxy":
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-        self.server_close()
-
-
-class _S3ProxyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def setup(self):
-        super().setup()
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else Nagle + delayed ACKs add ~40 ms
-
-    def _handle(self):
-        server: S3Proxy = self.server
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if server.delay_s:
-            time.sleep(server.delay_s)
-        with server.lock:
-            server.count += 1
-            server.methods[self.command] += 1
-            fail = bool(server.fail_every) and server.count % server.fail_every == 0
-            server.failed += fail
-        if fail:
-            payload = (b"<?xml version='1.0'?><Error><Code>SlowDown</Code>"
-                       b"<Message>Reduce your request rate.</Message></Error>")
-            self.send_response(503)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(payload)
-            return
-        conn = http.client.HTTPConnection(server.upstream, timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding")}
-        conn.request(self.command, self.path, body=body, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
-        if self.command == "GET":
-            with server.lock:
-                server.get_bytes += len(data)
-        self.send_response(resp.status, resp.reason)
-        for k, v in resp.getheaders():
-            if k.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
-                self.send_header(k, v)
-        # a HEAD answer has no body but tells the object's size
-        length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
-        self.send_header("Content-Length", length)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-        conn.close()
-
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle

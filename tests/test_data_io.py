@@ -4,7 +4,6 @@ and outputs without an index still read the old way."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -21,7 +20,8 @@ from pipeline import shards, storage
 from pipeline.packing import Row, Span
 from trainer.data import Manifest, TrainStream, ValidationSet
 
-from helpers import S3Proxy, write_dataset
+from helpers import write_dataset
+from jpeglm.devtools.s3proxy import S3Proxy
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -163,35 +163,23 @@ def test_each_rank_reads_only_its_rows_and_old_outputs_still_load(full_rows, cap
     assert all(np.array_equal(a.inputs, b.inputs) for a, b in zip(val[0].batches, val[1].batches))
 
 
-@contextlib.contextmanager
-def _through(proxy: S3Proxy):
-    """This process's S3 client talks to the proxy (storage keeps one client per process)."""
-    saved = storage._S3_FS, os.environ["AWS_ENDPOINT_URL"]
-    storage._S3_FS, os.environ["AWS_ENDPOINT_URL"] = None, proxy.endpoint
-    try:
-        yield
-    finally:
-        storage._S3_FS, os.environ["AWS_ENDPOINT_URL"] = saved
-
-
-def test_on_s3_a_rank_gets_only_its_rows_in_ranged_gets(full_rows, s3_endpoint, s3_bucket):
+def test_on_s3_a_rank_gets_only_its_rows_in_ranged_gets(full_rows, s3_bucket, s3_proxy):
     root = f"{s3_bucket}/data"
     write_dataset(root, {"train": [48] * 8, "validation": [4]}, row_len=ROW)
     local = Manifest.load(full_rows["v2"])
-    with S3Proxy(s3_endpoint) as proxy, _through(proxy):
-        remote = Manifest.load(root)
-        for rank in (0, 5):
-            before_bytes, before = proxy.get_bytes, proxy.methods.copy()
-            samples, stats = _epoch(remote, rank, 8, read_threads=3)
-            assert [s for s, _ in samples] == [s for s, _ in _epoch(local, rank, 8)[0]]
-            asked = proxy.methods - before
-            # what the loader counts is what S3 served: one GET per read, no HEAD, no read-ahead of whole blocks
-            assert asked == {"GET": stats["requests"]}, asked
-            assert proxy.get_bytes - before_bytes == stats["bytes"]
-            assert _amplification(stats) <= 1.25, stats
-        before = proxy.methods.copy()
-        val = ValidationSet(remote, seq_len=ROW, micro_batch=1, rank=0, world=1, max_samples=100)
-        assert val.num_samples == 4 and proxy.methods - before == {"GET": 2}  # the index, then 4 rows in one read
+    remote = Manifest.load(root)
+    for rank in (0, 5):
+        s3_proxy.reset_stats()
+        samples, stats = _epoch(remote, rank, 8, read_threads=3)
+        assert [s for s, _ in samples] == [s for s, _ in _epoch(local, rank, 8)[0]]
+        served = s3_proxy.stats()
+        # what the loader counts is what S3 served: one GET per read, no HEAD, no read-ahead of whole blocks
+        assert served["by_method"] == {"GET": stats["requests"]}, served
+        assert served["response_bytes"] == stats["bytes"]
+        assert _amplification(stats) <= 1.25, stats
+    s3_proxy.reset_stats()
+    val = ValidationSet(remote, seq_len=ROW, micro_batch=1, rank=0, world=1, max_samples=100)
+    assert val.num_samples == 4 and s3_proxy.stats()["by_method"] == {"GET": 2}  # the index, then 4 rows in one read
 
 
 _PEAK_MEMORY = r"""

@@ -23,7 +23,8 @@ import pytest
 from jpeglm import cli
 from pipeline import codec, packing, preprocess, shards, stats, storage
 
-from helpers import S3Proxy, parquet_bytes, tar_bytes
+from helpers import parquet_bytes, tar_bytes
+from jpeglm.devtools.s3proxy import S3Proxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -382,12 +383,13 @@ def test_transient_s3_errors_are_retried(clean_local, mixed_inputs, s3_endpoint,
     for path in sorted(root.rglob("*")):
         if path.is_file():
             storage.write_bytes(f"{s3_bucket}/in/{path.relative_to(root)}", path.read_bytes())
-    # every 20th request answered 503 SlowDown, as S3 does under load
-    with S3Proxy(s3_endpoint, fail_every=20) as proxy:
+    # 5% of requests answered 503 SlowDown, as S3 does under load
+    with S3Proxy(s3_endpoint, fault_fraction=0.05, seed=7) as proxy:
         proc = _subprocess(f"{s3_bucket}/in", f"{s3_bucket}/out", env_extra={"AWS_ENDPOINT_URL": proxy.endpoint})
         _finish(proc)
-    print(f"proxy: {proxy.failed} of {proxy.count} requests failed")
-    assert proxy.failed >= 10  # the job met plenty of errors ...
+    served = proxy.stats()
+    print(f"proxy: {served['faults']} of {served['requests']} requests failed")
+    assert served["faults"] >= 10  # the job met plenty of errors ...
     clean = _data_files(clean_local)
     # ... and still wrote the same shards and tokenizer as the clean local run
     _assert_same(clean, _data_files(f"{s3_bucket}/out"),
