@@ -19,6 +19,7 @@ import hashlib
 import io
 import logging
 import operator
+import os
 import time
 from typing import Iterable, Iterator, NoReturn, Sequence
 
@@ -203,7 +204,7 @@ class Tokenizer:
         return cls(model_bytes)
 
     @classmethod
-    def load(cls, path: str) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
         """From a local path or s3:// URI of a SentencePiece model file (ours or any with the same byte mapping)."""
         from pipeline import storage
 
@@ -213,7 +214,7 @@ class Tokenizer:
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
 
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write exactly the model bytes `fingerprint` hashes, atomically (local path or s3:// URI)."""
         from pipeline import storage
 

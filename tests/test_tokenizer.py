@@ -182,6 +182,9 @@ def test_save_writes_the_fingerprinted_bytes_and_load_restores(tok, bodies, tmp_
     if where == "local":  # a plain SentencePiece processor reads the same file and agrees
         sp = spm.SentencePieceProcessor(model_file=path)
         assert sp.encode(bytes_to_text(bodies[3])) == tok.encode(bodies[3])
+        as_path = tmp_path / "pathlib" / "tokenizer.model"  # os.PathLike works wherever a path is taken
+        tok.save(as_path)
+        assert Tokenizer.load(as_path).fingerprint == tok.fingerprint
 
 
 def test_from_bytes_and_pickle_keep_the_model(tok, bodies):
