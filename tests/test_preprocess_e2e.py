@@ -24,7 +24,11 @@ import pyarrow as pa
 import pytest
 
 from jpeglm import cli
-from pipeline import codec, packing, preprocess, shards, stats, storage
+from pipeline import codec, packing, shards, stats, storage
+from pipeline.preprocess import executor
+from pipeline.preprocess.config import PreprocessError
+from pipeline.preprocess.encode import split_of
+from pipeline.preprocess.faults import FAULT_ENV
 
 from helpers import parquet_bytes, tar_bytes
 
@@ -292,7 +296,7 @@ def test_one_worker_with_worker_deaths_equals_two_workers(clean_local, mixed_inp
     root, _ = mixed_inputs
     out = str(tmp_path / "out")
     proc = _subprocess(str(root), out, "--num-cpus", "1", "--keep-work",
-                       env_extra={preprocess.FAULT_ENV: "encode:1:exit,shard:train-000001:exit"})
+                       env_extra={FAULT_ENV: "encode:1:exit,shard:train-000001:exit"})
     _finish(proc)
     assert sorted(os.listdir(Path(out, "_work", "faults"))) == ["encode-1", "shard-train-000001"]  # both happened
     assert [p for p in os.listdir(Path(out, "shards")) if p.startswith(".")] == []  # the dead writer's temp is gone
@@ -303,7 +307,7 @@ def test_killed_driver_reruns_to_identical_output(clean_local, mixed_inputs, tmp
     root, _ = mixed_inputs
     out = tmp_path / "out"
     # 1. killed during the encode phase (unit 3 hangs until then)
-    proc = _subprocess(str(root), str(out), env_extra={preprocess.FAULT_ENV: "encode:3:hang"})
+    proc = _subprocess(str(root), str(out), env_extra={FAULT_ENV: "encode:3:hang"})
     _wait_for(lambda: (out / "_work/faults/encode-3").exists()
               and len(list((out / "_work/encoded").glob("*.done.json"))) >= 2, "encode progress", proc)
     _kill(proc)
@@ -311,7 +315,7 @@ def test_killed_driver_reruns_to_identical_output(clean_local, mixed_inputs, tmp
     done_before = len(list((out / "_work/encoded").glob("*.done.json")))
     assert 2 <= done_before < 8
     # 2. rerun, killed while shard train-000001 is half written
-    proc = _subprocess(str(root), str(out), env_extra={preprocess.FAULT_ENV: "shard:train-000001:hang"})
+    proc = _subprocess(str(root), str(out), env_extra={FAULT_ENV: "shard:train-000001:hang"})
     _wait_for(lambda: (out / "_work/faults/shard-train-000001").exists(), "the shard phase", proc)
     time.sleep(0.5)
     log = _kill(proc)
@@ -492,7 +496,7 @@ def test_a_shard_upload_killed_midway_leaves_no_object(s3_endpoint, s3_bucket):
 
 def test_bounded_never_has_more_than_max_in_flight_pending(ray_cluster):
     """Backpressure: submissions are consumed lazily, so the driver never queues the whole job."""
-    task = preprocess._remote(preprocess.split_of)
+    task = executor.remote(split_of)
     submitted, finished, high_water = [], [], []
 
     def submissions():
@@ -503,17 +507,17 @@ def test_bounded_never_has_more_than_max_in_flight_pending(ray_cluster):
                 return task.remote(f"id-{i}", 0.5)
             yield i, submit
 
-    for key, result in preprocess.bounded(submissions(), max_in_flight=3):
+    for key, result in executor.bounded(submissions(), max_in_flight=3):
         finished.append(key)
-        assert result == preprocess.split_of(f"id-{key}", 0.5)
+        assert result == split_of(f"id-{key}", 0.5)
     assert sorted(finished) == list(range(12))
     assert max(high_water) == 3
 
 
 def test_a_task_failing_every_retry_stops_the_job_with_a_resume_hint(ray_cluster):
-    task = preprocess._remote(preprocess.split_of)
-    with pytest.raises(preprocess.PreprocessError, match="failed 4 times.*rerunning the same command resumes"):
-        preprocess.run_bounded([("bad", lambda: task.remote(None, 0.5))], 2, 1, "encode (units)")
+    task = executor.remote(split_of)
+    with pytest.raises(PreprocessError, match="failed 4 times.*rerunning the same command resumes"):
+        executor.run_bounded([("bad", lambda: task.remote(None, 0.5))], 2, 1, "encode (units)")
 
 
 def test_only_bad_images_is_an_error_but_the_stats_are_written(ray_cluster, tmp_path, capsys):
