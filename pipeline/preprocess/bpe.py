@@ -14,6 +14,19 @@ from pipeline.preprocess.faults import maybe_fault
 from pipeline.preprocess.layout import Layout
 from pipeline.preprocess.plan import sample_positions, unit_size
 
+SAMPLE_BODY_BYTES = 16 * 2**10  # a 256 px canonical body is ~5 KB; with headroom
+FIT_BYTES_PER_IMAGE = 128 * 2**10  # SentencePiece's trainer: ~3 UTF-8 bytes per body byte, times its tables
+
+
+def sample_memory(take: int, image_size: int) -> int:
+    """Data a BPE sample task holds: the bodies of its share of the sample."""
+    return int(take * SAMPLE_BODY_BYTES * max(1.0, (image_size / 256) ** 2))
+
+
+def fit_memory(bpe_sample: int, image_size: int) -> int:
+    """Data the BPE fit holds: every sample body as SentencePiece text, and its trainer's state."""
+    return int(bpe_sample * FIT_BYTES_PER_IMAGE * max(1.0, (image_size / 256) ** 2))
+
 
 def bpe_sample_task(output: str, index: int, take: int, config: dict) -> int:
     """Canonicalize this unit's share of the BPE sample into _work/bpe/NNNNNN.bin; returns how many bodies."""

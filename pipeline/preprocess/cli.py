@@ -1,4 +1,8 @@
-"""`jpeglm preprocess` command line: flags, and the command that runs a Job and prints its summary."""
+"""`jpeglm preprocess` command line: flags, and the command that runs a Job and prints its summary.
+
+Exit status: 0 done (or already complete), 1 no usable image or too many environment failures, 2 a refused flag,
+input or output (one line, no traceback), 130 interrupted (finished work is kept; the same command resumes).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import re
 import sys
 
 from jpeglm.logs import setup_logging
-from pipeline.preprocess.config import DEFAULTS, PreprocessError
+from pipeline.preprocess.config import DEDUP_MODES, DEFAULTS
 from pipeline.preprocess.job import Job
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -38,6 +42,13 @@ def _image_size(text: str) -> int:
     v = int(text)
     if v < 16 or v % 16:
         raise argparse.ArgumentTypeError(f"must be a positive multiple of 16 (the 4:2:0 MCU is 16x16 pixels), got {v}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
 
 
@@ -80,8 +91,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     pack.add_argument("--shard-size", type=parse_size, default=DEFAULTS["shard_size"], metavar="SIZE",
                       help="target size of each tar shard: 4MB, 512MiB, 1GB or plain bytes (default: %(default)s)")
     pack.add_argument("--val-fraction", type=_fraction, default=DEFAULTS["val_fraction"], metavar="F",
-                      help="fraction of images in the validation split, chosen by a hash of the image id, so "
-                           "stable across reruns (default: %(default)s)")
+                      help="fraction of images in the validation split, chosen by the sha256 of the canonical "
+                           "image: stable when inputs are added or renamed, and identical images share a split "
+                           "(default: %(default)s)")
+    pack.add_argument("--seed", type=_non_negative_int, default=DEFAULTS["seed"], metavar="N",
+                      help="seed of the write-time shuffle: the packed order is sorted by sha256(seed, image "
+                           "content), whatever the listing order (default: %(default)s)")
+    pack.add_argument("--dedup", choices=DEDUP_MODES, default=DEFAULTS["dedup"],
+                      help="exact: images with the same canonical JPEG are packed once, the others counted "
+                           "'duplicate' with the kept image's id; none: pack every copy (default: %(default)s)")
     pack.add_argument("--last-row", choices=("pad", "drop"), default=DEFAULTS["last_row"],
                       help="each split's last partial row: pad it with EOS (masked by valid_tokens) or drop it "
                            "(default: %(default)s)")
@@ -93,6 +111,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     img.add_argument("--min-side", type=int, default=DEFAULTS["min_side"], metavar="PX",
                      help="count as too_small (and skip) images whose shorter side is below PX pixels "
                           "(default: %(default)s, keep all)")
+    img.add_argument("--max-failed-fraction", type=_fraction, default=DEFAULTS["max_failed_fraction"], metavar="F",
+                     help="stop before writing shards when more than this fraction of the images failed for "
+                          "reasons that mean a broken environment (unsupported, read_error, internal_error); rerun "
+                          "with a higher value to accept them (default: %(default)s)")
     img.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N",
                      help="count as too_large (and skip) images with more than N pixels (default: 8192x8192)")
 
@@ -104,22 +126,31 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     ray_.add_argument("--images-per-unit", type=_positive_int, default=DEFAULTS["images_per_unit"], metavar="N",
                       help="images per work unit, one Ray task and the unit of resume; each tar input is one unit "
                            "(default: %(default)s)")
+    ray_.add_argument("--images-per-bucket", type=_positive_int, default=DEFAULTS["images_per_bucket"], metavar="N",
+                      help="images per shuffle bucket, one Ray task each; bounds its memory (~10 KB per image) "
+                           "(default: %(default)s)")
     ray_.add_argument("--max-in-flight", type=_positive_int, default=None, metavar="N",
                       help="most tasks submitted at once, for backpressure (default: 2 x the cluster's CPUs)")
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging()
-    try:
-        job = Job.from_args(args)
-        summary = job.run(address=args.address, num_cpus=args.num_cpus, max_in_flight=args.max_in_flight,
-                          overwrite=args.overwrite, keep_work=args.keep_work)
-    except PreprocessError as e:
-        print(f"jpeglm preprocess: error: {e}", file=sys.stderr)
-        return 2
     from pipeline.stats import format_summary
 
-    print(format_summary(summary))
+    setup_logging()
+    job = Job.from_args(args)
+    try:
+        summary = job.run(address=args.address, num_cpus=args.num_cpus, max_in_flight=args.max_in_flight,
+                          overwrite=args.overwrite, keep_work=args.keep_work,
+                          max_failed_fraction=args.max_failed_fraction)
+    except KeyboardInterrupt:
+        print(f"\njpeglm preprocess: interrupted; finished work is kept in {job.output}: run the same command "
+              "again to resume", file=sys.stderr, flush=True)
+        return 130
+    if job.already_complete:
+        print(f"{job.output} is already complete (same config): nothing to do. Its summary:\n")
+        print(format_summary(summary, this_run=False))
+    else:
+        print(format_summary(summary))
     print(f"\noutput: {job.output}\n  see it with: jpeglm inspect {job.output}")
     if summary.get("images_ok") == 0:
         print("jpeglm preprocess: error: no image could be used (see the failures with: "

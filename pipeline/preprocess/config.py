@@ -7,28 +7,22 @@ import hashlib
 import json
 
 from jpeglm.errors import UserError
-from pipeline import storage
 
 SPLITS = ("train", "validation")
 DEFAULTS = dict(bpe_sample=10_000, vocab_size=320, seq_len=12_288, images_per_unit=1000, shard_size="1GB",
-                val_fraction=0.01, min_side=0, last_row="pad", image_size=256)
+                val_fraction=0.01, min_side=0, last_row="pad", image_size=256, seed=0, dedup="exact",
+                images_per_bucket=20_000, max_failed_fraction=0.01)
+DEDUP_MODES = ("exact", "none")
 
 
 class PreprocessError(UserError):
     """A refused configuration or output: the message says what to do."""
 
 
-def config_from_args(args: argparse.Namespace) -> dict:
-    """Everything that determines the output's bytes (and nothing else: not --num-cpus, --address, ...)."""
-    from pipeline import codec, sources
-
-    try:
-        inputs = [i.uri for i in sources.resolve_inputs(args.input)]
-    except sources.InputError as e:
-        raise PreprocessError(str(e)) from None
-    missing = [u for u in inputs if not storage.exists(u)]
-    if missing:
-        raise PreprocessError(f"input {missing[0]} does not exist")
+def config_from_args(args: argparse.Namespace, inputs: list[str]) -> dict:
+    """Everything that determines the output's bytes (and nothing else: not --num-cpus, --address,
+    --max-failed-fraction, ...). `inputs`: the resolved input URIs."""
+    from pipeline import codec
     from pipeline.tokenizer import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 
     if args.tokenizer is None and not MIN_VOCAB_SIZE <= args.vocab_size <= MAX_VOCAB_SIZE:
@@ -46,8 +40,11 @@ def config_from_args(args: argparse.Namespace) -> dict:
         "vocab_size": args.vocab_size,
         "seq_len": args.seq_len,
         "images_per_unit": args.images_per_unit,
+        "images_per_bucket": args.images_per_bucket,
         "shard_size": args.shard_size,
         "val_fraction": args.val_fraction,
+        "seed": args.seed,
+        "dedup": args.dedup,
         "last_row": args.last_row,
         "min_side": args.min_side,
         "max_pixels": args.max_pixels or codec.DEFAULT_MAX_PIXELS,
@@ -72,6 +69,7 @@ def canonical_json(obj) -> bytes:
 def pretty_json(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
+
 def config_difference(old: dict, new: dict) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if not old:
@@ -79,4 +77,3 @@ def config_difference(old: dict, new: dict) -> str:
     shown = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k != "tokenizer" else "tokenizer fingerprint differs"
              for k in keys[:4]]
     return "differs in " + "; ".join(shown) if shown else "differs"
-

@@ -1,5 +1,10 @@
-"""The encode phase's task: read one work unit, canonicalize and tokenize its images, write its split streams and
-per-image stats, then its done-marker."""
+"""The encode phase's task: read one work unit, canonicalize and tokenize its images, and write
+
+- `_work/encoded/NNNNNN.bin`: its ok images grouped by shuffle bucket (shuffle.py), with their body hash, stats
+  and tokens;
+- `stats/unit-NNNNNN.parquet`: its images that could not be used, and why;
+- then its done record (results.py): counts, the bucket offsets of its file, an example per failure reason.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +16,16 @@ import time
 import numpy as np
 
 from pipeline import storage
-from pipeline.preprocess.config import SPLITS, canonical_json
 from pipeline.preprocess.faults import maybe_fault
 from pipeline.preprocess.layout import Layout
+from pipeline.preprocess.results import retry_counts, write_record
+from pipeline.preprocess.shuffle import bucket_of, group_by_bucket, order_key, unit_record
 
 log = logging.getLogger(__name__)
 
-
-def split_of(image_id: str, val_fraction: float) -> str:
-    """validation iff the first 8 bytes of sha256(id), as a fraction of 2**64, fall below val_fraction."""
-    h = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big")
-    return "validation" if h < val_fraction * 2**64 else "train"
-
-
-
+TOKENIZE_BATCH = 256  # bodies tokenized at once: bounds the Python lists SentencePiece returns
+ENCODED_IMAGE_BYTES = 16 * 2**10  # a unit's file holds ~9 KB per 256 px image (tokens + meta); with headroom
+TAR_IMAGES_ESTIMATE = 10_000  # img2dataset's default images per tar: a tar unit's size is known only once read
 
 _TOKENIZERS: dict = {}
 
@@ -51,49 +52,62 @@ def canonicalize(data: bytes, config: dict):
                                         min_side=config["min_side"])
 
 
-def encode_unit_task(output: str, index: int, config: dict, fingerprint: str) -> dict:
-    """Read, canonicalize and tokenize one unit; write its split streams, its stats, then its done-marker.
-    Returns the done-marker's content (counts only)."""
+def encode_memory(unit_images: int | None, image_size: int) -> int:
+    """Data an encode task holds: its unit's encoded file (tokens grow with the image's area)."""
+    n = TAR_IMAGES_ESTIMATE if unit_images is None else unit_images
+    return int(n * ENCODED_IMAGE_BYTES * max(1.0, (image_size / 256) ** 2))
+
+
+def encode_unit_task(output: str, index: int, config: dict, fingerprint: str, buckets: int) -> dict:
+    """Read, canonicalize and tokenize one unit; write its file, its failures' stats, then its done record.
+    Returns the done record (counts and offsets only)."""
     from pipeline import codec, sources, stats
-    from pipeline.packing import TOKEN_DTYPE, image_sequence
 
     layout = Layout(output)
     maybe_fault(layout, "encode", index)
     start = time.perf_counter()
     unit = json.loads(storage.read_bytes(layout.unit(index)))
     tok = _tokenizer(layout, fingerprint)
-    records: list[stats.ImageStat] = []
-    ok: list[tuple[stats.ImageStat, bytes]] = []
-    for src in sources.read_unit(unit):
+    failed: list[stats.ImageStat] = []
+    examples: dict[str, list[str]] = {}  # reason -> [id, message] of its first image in this unit
+    records: list[tuple[int, bytes]] = []  # (bucket, unit_record) in unit order
+    batch: list[tuple[int, dict, bytes]] = []  # (position, meta, body) waiting to be tokenized
+    images = 0
+
+    def flush():
+        for (position, meta, body), ids in zip(batch, tok.encode_batch([b for _, _, b in batch], num_threads=1)):
+            sha = hashlib.sha256(body).digest()
+            tokens = np.asarray(ids, dtype="<u2")
+            records.append((bucket_of(order_key(sha, config["seed"]), buckets), unit_record(sha, position, meta, tokens)))
+        batch.clear()
+
+    for position, src in enumerate(sources.read_unit(unit)):
+        images += 1
         rec = stats.ImageStat(id=src.id, source=src.source, status=stats.READ_ERROR, message=src.error)
-        records.append(rec)
-        if src.data is None:
-            continue
-        rec.source_bytes = len(src.data)
-        try:
-            img = canonicalize(src.data, config)
-        except codec.CodecError as e:
-            rec.status, rec.message = e.reason, e.message
-            continue
-        except Exception as e:  # noqa: BLE001 - one image must never fail the job; the codec should not get here
-            log.warning("unexpected codec failure on %s: %s: %s", src.id, type(e).__name__, e)
-            rec.status, rec.message = stats.INTERNAL_ERROR, f"{type(e).__name__}: {e}"
-            continue
-        rec.status, rec.message = stats.OK, ""
-        rec.source_format, rec.source_width, rec.source_height = img.source_format, img.source_width, img.source_height
-        rec.jpeg_bytes, rec.split = len(img.body), split_of(src.id, config["val_fraction"])
-        ok.append((rec, img.body))
-    token_lists = tok.encode_batch([body for _, body in ok], num_threads=1) if ok else []
-    streams: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    for (rec, _), ids in zip(ok, token_lists):
-        rec.tokens = len(ids)
-        streams[rec.split].append(image_sequence(ids, tok.bos_id, tok.eos_id))
-    for split in SPLITS:
-        parts = streams[split]
-        data = np.concatenate(parts).astype(TOKEN_DTYPE, copy=False).tobytes() if parts else b""
-        storage.write_bytes(layout.stream(index, split), data)
-    stats.write(layout.stats(index), records)
-    counts = stats.Counts.of(records)
-    done = {"unit": index, "counts": counts.to_json(), "seconds": round(time.perf_counter() - start, 3)}
-    storage.write_bytes(layout.encoded_done(index), canonical_json(done))
+        if src.data is not None:
+            rec.source_bytes = len(src.data)
+            try:
+                img = canonicalize(src.data, config)
+                meta = {"id": src.id, "source": src.source, "source_bytes": len(src.data),
+                        "source_format": img.source_format, "source_width": img.source_width,
+                        "source_height": img.source_height, "jpeg_bytes": len(img.body)}
+                batch.append((position, meta, img.body))
+                if len(batch) == TOKENIZE_BATCH:
+                    flush()
+                continue
+            except codec.CodecError as e:
+                rec.status, rec.message = e.reason, e.message
+            except Exception as e:  # noqa: BLE001 - one image must never fail the job; the codec should not get here
+                log.warning("unexpected codec failure on %s: %s: %s", src.id, type(e).__name__, e)
+                rec.status, rec.message = stats.INTERNAL_ERROR, f"{type(e).__name__}: {e}"
+        failed.append(rec)
+        examples.setdefault(rec.status, [rec.id, rec.message])
+    flush()
+    data, offsets = group_by_bucket(records, buckets)
+    storage.write_bytes(layout.encoded(index), data)
+    stats.write(layout.unit_stats(index), failed)
+    done = {"unit": index, "images": images, "ok": len(records), "encoded_bytes": len(data),
+            "counts": stats.Counts.of(failed).to_json(), "examples": examples, "bucket_offsets": offsets,
+            "seconds": round(time.perf_counter() - start, 3), "retries": retry_counts()}
+    write_record(layout.encoded_done, index, done)
     return done

@@ -1,4 +1,5 @@
-"""Plan: stream the input listing into work units (OUTPUT/_work/units/), and choose the BPE sample across them."""
+"""Plan: stream the input listing into work units (OUTPUT/_work/units/), fix the number of shuffle buckets, and
+choose the BPE sample across the units. The driver holds one int per unit, never the listing."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 from pipeline import storage
 from pipeline.preprocess.config import PreprocessError, canonical_json
+from pipeline.preprocess.encode import TAR_IMAGES_ESTIMATE
 from pipeline.preprocess.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -16,14 +19,32 @@ log = logging.getLogger(__name__)
 SAMPLE_MIN_PER_UNIT = 16  # the BPE sample takes at least this many images from each unit it visits
 
 
-def plan_units(layout: Layout, config: dict) -> list[int | None]:
-    """Work units -> _work/units/; returns each unit's image count (None for tars). Resumed if planned."""
+@dataclass(frozen=True)
+class Plan:
+    unit_sizes: list  # images per unit (None: a tar, known once read)
+    buckets: int  # shuffle buckets R: a pure function of the plan and --images-per-bucket
+
+    @property
+    def units(self) -> int:
+        return len(self.unit_sizes)
+
+
+def bucket_count(unit_sizes: list[int | None], images_per_bucket: int) -> int:
+    """ceil(planned images / images per bucket), a tar counted as TAR_IMAGES_ESTIMATE images."""
+    planned = sum(TAR_IMAGES_ESTIMATE if n is None else n for n in unit_sizes)
+    return max(1, math.ceil(planned / images_per_bucket))
+
+
+def plan_units(layout: Layout, config: dict) -> Plan:
+    """Work units -> _work/units/ (written as the listing streams by); resumed if planned before."""
     from pipeline import sources
+    from pipeline.stats import plural
 
     if storage.exists(layout.plan):
-        plan = json.loads(storage.read_bytes(layout.plan))
-        log.info("plan: %d work units (planned before)", len(plan["unit_sizes"]))
-        return plan["unit_sizes"]
+        saved = json.loads(storage.read_bytes(layout.plan))
+        plan = Plan(saved["unit_sizes"], saved["buckets"])
+        log.info("plan: %s, %s (planned before)", plural(plan.units, "work unit"), plural(plan.buckets, "bucket"))
+        return plan
     counts = sources.PlanCounts()
     sizes: list[int | None] = []
     listing = sources.plan_units(sources.resolve_inputs(config["inputs"]), config["images_per_unit"],
@@ -36,12 +57,17 @@ def plan_units(layout: Layout, config: dict) -> list[int | None]:
     except sources.InputError as e:
         raise PreprocessError(str(e)) from None
     counts.units = len(sizes)
-    log.info("plan: %d work units from %d image files, %d tars, %d Parquet files (%d rows); skipped %d other "
-             "files and %d img2dataset metadata Parquet files (%.1f s)", counts.units, counts.image_files,
-             counts.tars, counts.parquet_files, counts.parquet_rows, counts.skipped_files,
-             counts.skipped_img2dataset_parquet, time.perf_counter() - t0)
-    storage.write_bytes(layout.plan, canonical_json({"unit_sizes": sizes, "counts": counts.__dict__}))
-    return sizes
+    plan = Plan(sizes, bucket_count(sizes, config["images_per_bucket"]))
+    found = [plural(n, noun) for n, noun in [(counts.image_files, "image file"), (counts.tars, "tar"),
+                                             (counts.parquet_files, "Parquet file"), (counts.parquet_rows, "row")] if n]
+    skipped = [plural(n, noun) for n, noun in [(counts.skipped_files, "other file"),
+                                               (counts.skipped_img2dataset_parquet, "img2dataset metadata Parquet")] if n]
+    log.info("plan: %s, %s from %s%s (%.1f s)", plural(counts.units, "work unit"),
+             plural(plan.buckets, "shuffle bucket"), ", ".join(found), "; skipped " + ", ".join(skipped) if skipped else "",
+             time.perf_counter() - t0)
+    storage.write_bytes(layout.plan, canonical_json({"unit_sizes": sizes, "buckets": plan.buckets,
+                                                     "counts": counts.__dict__}))
+    return plan
 
 
 def unit_size(unit: dict) -> int | None:

@@ -1,4 +1,8 @@
-"""The shard phase: cut each split's token stream into shards (planning), and the task that writes one shard."""
+"""The shard phase: cut each split's token stream into shards (planning), and the task that writes one shard.
+
+A split's stream is the buckets' streams of that split in bucket order (shuffle.py); rows of seq_len tokens are cut
+from it as in the paper, and each shard task reads only the slices of the bucket streams its rows need.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import storage
-from pipeline.preprocess.config import canonical_json
 from pipeline.preprocess.faults import maybe_fault
 from pipeline.preprocess.layout import Layout
+from pipeline.preprocess.ranged import read_range
+from pipeline.preprocess.results import retry_counts, write_record
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,7 @@ class ShardSpec:
     first_row: int
     num_rows: int
     total_tokens: int  # valid tokens of the whole split stream
-    pieces: tuple[tuple[int, int, int], ...]  # (unit, offset of the unit's stream in the split stream, its tokens)
+    pieces: tuple[tuple[int, int, int], ...]  # (bucket, offset of its stream in the split stream, its tokens)
 
     @property
     def name(self) -> str:
@@ -29,16 +33,16 @@ class ShardSpec:
         return shard_name(self.split, self.index)
 
 
-def plan_shards(split: str, unit_tokens: list[tuple[int, int]], seq_len: int, rows_per_shard: int,
+def plan_shards(split: str, bucket_tokens: list[tuple[int, int]], seq_len: int, rows_per_shard: int,
                 last_row: str) -> tuple[list[ShardSpec], int, int, int]:
-    """Cut a split's stream (the units' streams in unit order: (unit, tokens)) into shards of rows_per_shard rows.
-    Returns (specs, rows, padding_tokens, dropped_tokens)."""
+    """Cut a split's stream (the buckets' streams in bucket order: (bucket, tokens)) into shards of rows_per_shard
+    rows. Returns (specs, rows, padding_tokens, dropped_tokens)."""
     from pipeline.packing import count_rows
 
     offsets, pos = [], 0
-    for unit, n in unit_tokens:
+    for bucket, n in bucket_tokens:
         if n:
-            offsets.append((unit, pos, n))
+            offsets.append((bucket, pos, n))
             pos += n
     total = pos
     rows, padding, dropped = count_rows(total, seq_len, last_row)
@@ -57,8 +61,14 @@ def estimated_row_bytes(seq_len: int) -> int:
     return 512 + 512 * math.ceil((128 + 2 * seq_len) / 512) + 512 + 1024
 
 
-def write_shard_task(output: str, spec: ShardSpec, seq_len: int, pad_id: int) -> dict:
-    """Write one shard from the stream slices and stats of the units it covers; then its done-marker."""
+def shard_memory(shard_size: int) -> int:
+    """Data a shard task holds: its rows' tokens, the span tables of its buckets, upload buffers: ~2x a shard."""
+    return 2 * shard_size
+
+
+def write_shard_task(output: str, task: int, spec: ShardSpec, seq_len: int, pad_id: int) -> dict:
+    """Write one shard from the stream slices and stats of the buckets it covers; then its done record (its
+    manifest entry)."""
     from pipeline import shards, stats
     from pipeline.packing import TOKEN_DTYPE, ImageRef, rows_in_range
 
@@ -66,15 +76,11 @@ def write_shard_task(output: str, spec: ShardSpec, seq_len: int, pad_id: int) ->
     lo = spec.first_row * seq_len
     hi = min((spec.first_row + spec.num_rows) * seq_len, spec.total_tokens)
     parts, images = [], []
-    for unit, offset, n in spec.pieces:
+    for bucket, offset, n in spec.pieces:
         a, b = max(lo, offset) - offset, min(hi, offset + n) - offset
-        with storage.open_read(layout.stream(unit, spec.split)) as f:
-            f.seek(2 * a)
-            chunk = f.read(2 * (b - a))
-        if len(chunk) != 2 * (b - a):
-            raise RuntimeError(f"unit {unit} {spec.split} stream is shorter than its done-marker says")
-        parts.append(np.frombuffer(chunk, dtype=TOKEN_DTYPE))
-        table = stats.read(layout.stats(unit), columns=["id", "status", "split", "tokens"]).to_pylist()
+        parts.append(np.frombuffer(read_range(layout.bucket_stream(bucket, spec.split), 2 * a, 2 * b),
+                                   dtype=TOKEN_DTYPE))
+        table = stats.read(layout.bucket_stats(bucket), columns=["id", "status", "split", "tokens"]).to_pylist()
         pos = offset
         for rec in table:
             if rec["status"] == stats.OK and rec["split"] == spec.split:
@@ -95,6 +101,6 @@ def write_shard_task(output: str, spec: ShardSpec, seq_len: int, pad_id: int) ->
     padding = spec.num_rows * seq_len - (hi - lo)
     entry = {"path": f"shards/{spec.name}", "split": spec.split, "first_row": spec.first_row, "rows": info.rows,
              "tokens": info.rows * seq_len, "padding_tokens": padding, "bytes": info.bytes, "sha256": info.sha256}
-    storage.write_bytes(layout.shard_done(spec.name), canonical_json(entry))
-    return entry
-
+    done = {"entry": entry, "retries": retry_counts()}
+    write_record(layout.shards_done, task, done)
+    return done
