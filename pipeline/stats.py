@@ -196,7 +196,7 @@ def format_summary(summary: dict, this_run: bool = True) -> str:
         return "-" if v is None else str(v)
 
     labels = [
-        ("images", "images"), ("images_ok", "  ok"), ("images_duplicate", "  duplicate (packed once)"),
+        ("image_size", "image size (px)"), ("images", "images"), ("images_ok", "  ok"), ("images_duplicate", "  duplicate (packed once)"),
         ("images_failed", "  failed"), ("failed_by_reason", "  failed by reason"),
         ("images_by_split", "  ok by split"), ("tokens", "tokens (with BOS/EOS)"), ("padding_tokens", "padding tokens"),
         ("dropped_tokens", "dropped tokens"), ("rows", "rows"), ("shards", "shards"), ("shard_bytes", "shard bytes"),

@@ -34,8 +34,11 @@ def init_ray(address: str | None, num_cpus: int | None) -> bool:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
-    log.info("Ray: %g CPUs, %.1f GiB of memory for tasks", ray.cluster_resources().get("CPU", 0),
-             ray.cluster_resources().get("memory", 0) / 2**30)
+    from pipeline.stats import plural
+
+    resources = ray.cluster_resources()
+    log.info("Ray: %s, %.1f GiB of memory for tasks", plural(int(resources.get("CPU", 0)), "CPU"),
+             resources.get("memory", 0) / 2**30)
     return True
 
 

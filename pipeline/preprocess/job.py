@@ -147,6 +147,7 @@ class Job:
             padding_tokens=shard_totals["padding"], dropped_tokens=shard_totals["dropped"],
             wall_s=time.perf_counter() - start, images_this_run=images_this_run, cpus=cpus, retries=retries,
         )
+        summary["image_size"] = self.config["codec"]["size"]
         summary["phase_seconds"] = phases
         manifest["images"] = {"total": total.images, "ok": total.ok,
                               "duplicate": total.status.get(stats.DUPLICATE, 0), "failed": stats.failures(total)}
