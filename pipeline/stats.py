@@ -66,7 +66,7 @@ assert [f.name for f in fields(ImageStat)] == SCHEMA.names
 
 
 def to_parquet_bytes(stats: Iterable[ImageStat]) -> bytes:
-    rows = [asdict(s) for s in stats]
+    rows = [vars(s) for s in stats]  # a shallow dict: dataclasses.asdict deep-copies, ~5x slower here
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")

@@ -42,13 +42,9 @@ def check_inputs_hold_images(inputs: list[str], image_column: str | None) -> Non
 
 
 def check_output_usable(output: str) -> None:
-    """OUTPUT can be a folder we write in: not a file, not under a file, writable (local); its bucket exists (S3)."""
+    """A local OUTPUT can be a folder we write in: not a file, not under a file, writable. (An S3 OUTPUT is not
+    probed: least-privilege roles, such as infra/terraform's, may list and write a prefix but not HEAD the bucket.)"""
     if storage.is_remote(output):
-        if output.startswith("s3://"):
-            bucket = output[len("s3://"):].split("/", 1)[0]
-            if not storage.exists(f"s3://{bucket}"):
-                raise PreprocessError(f"--output {output}: bucket {bucket} does not exist or is not visible with "
-                                      "these credentials; create it or choose another --output")
         return
     path = os.path.abspath(output)
     if os.path.exists(path) and not os.path.isdir(path):
