@@ -17,7 +17,7 @@ from jpeglm.errors import UserError
 
 # name -> (module, one-line help). Order is the order `jpeglm --help` lists them.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "preprocess": ("pipeline.preprocess", "images -> canonical JPEG -> BPE tokens -> packed WebDataset shards (Ray)"),
+    "preprocess": ("pipeline.preprocess.cli", "images -> canonical JPEG -> BPE tokens -> packed WebDataset shards (Ray)"),
     "inspect": ("pipeline.inspect", "summarize a preprocess output; dump an image back from the shards"),
     "train": ("trainer.train", "train the Llama decoder with DeepSpeed ZeRO-3 on preprocessed shards"),
     "export": ("trainer.export", "consolidate a checkpoint into safetensors (native or Hugging Face Llama format)"),

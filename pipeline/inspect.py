@@ -6,8 +6,8 @@
     jpeglm inspect out/preprocess --dump img-000007.jpg --out seen.jpg
     jpeglm inspect out/preprocess --verify              # re-hash every shard against the manifest
 
---dump finds the image's position from the per-image stats (their order is the token stream's order), reads only
-the rows holding it from the shards, decodes the tokens and splices the JPEG tables back (codec.assemble).
+--dump finds the image's position from the per-image stats (the buckets' rows are in the token stream's order),
+reads only the rows holding it from the shards, decodes the tokens and splices the JPEG tables back (codec.assemble).
 """
 
 from __future__ import annotations
@@ -126,14 +126,17 @@ class Output:
         return "\n".join(lines)
 
     def stats_files(self) -> list[str]:
-        """In unit order (numeric: unit-1000000 comes after unit-999999)."""
-        names = [n for n in storage.listdir(storage.join(self.uri, "stats")) if re.fullmatch(r"unit-\d+\.parquet", n)]
-        return [storage.join(self.uri, "stats", n) for n in sorted(names, key=lambda n: int(n[5:-8]))]
+        """Buckets in bucket order (their ok rows are the stream order), then units (failed images only); numeric
+        order: bucket-1000000 comes after bucket-999999."""
+        names = [n for n in storage.listdir(storage.join(self.uri, "stats"))
+                 if re.fullmatch(r"(bucket|unit)-\d+\.parquet", n)]
+        names.sort(key=lambda n: (n.startswith("unit"), int(n.split("-")[1].split(".")[0])))
+        return [storage.join(self.uri, "stats", n) for n in names]
 
     def _stats_rows(self) -> Iterator[dict]:
         from pipeline import stats
 
-        for uri in self.stats_files():  # unit order = stream order
+        for uri in self.stats_files():  # bucket order = stream order
             yield from stats.read(uri).to_pylist()
 
     def images(self, limit: int, failed_only: bool = False) -> list[dict]:

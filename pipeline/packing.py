@@ -3,8 +3,9 @@ concatenated in a fixed order into one stream, and the stream is cut into rows o
 may continue into the next row or rows). Only the very last row of a split can be partial: it is padded with EOS
 (and masked by `valid_tokens`) or dropped, per `last_row`.
 
-These are plain functions over arrays: the encoder writes per-unit streams, the shard writer cuts any range of rows
-out of the concatenation of those streams with `rows_in_range`, and `pack` is the whole thing in memory.
+These are plain functions over arrays: each shuffle bucket writes its split streams (pipeline/preprocess/shuffle.py),
+the shard writer cuts any range of rows out of the concatenation of those streams with `rows_in_range`, and `pack`
+is the whole thing in memory.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Per-image stats (one Parquet file per work unit, OUTPUT/stats/unit-NNNNNN.parquet) and the job summary.
+"""Per-image stats (OUTPUT/stats/*.parquet) and the job summary.
 
-Schema documented in schemas/image_stats.md. One row per image met in the inputs, in stream order, whatever
-happened to it: nothing is dropped silently. Rows with status "ok" are exactly the images in the shards, and
-their order (per split) is the order of the images in the unit's token stream.
+Schema documented in schemas/image_stats.md. One row per image met in the inputs, whatever happened to it: nothing
+is dropped silently. `bucket-NNNNNN.parquet` holds a shuffle bucket's `ok` and `duplicate` images in stream order
+(its `ok` rows, per split, are the bucket's images in the packed stream, in order); `unit-NNNNNN.parquet` holds the
+images of work unit NNNNNN that could not be used (read or codec failures).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from pipeline import storage
 OK = "ok"
 READ_ERROR = "read_error"  # the source object could not be read (missing, forbidden, unreadable tar or parquet)
 INTERNAL_ERROR = "internal_error"  # the codec raised something other than CodecError (a bug; logged, not fatal)
+DUPLICATE = "duplicate"  # the same canonical body as an earlier image (duplicate_of): packed once (--dedup exact)
+# Reasons that say the environment is broken rather than the input (a codec this build lacks, storage that cannot
+# be read, a bug): compared to --max-failed-fraction. Every other reason is about the input's quality.
+ENVIRONMENT_REASONS = ("unsupported", READ_ERROR, INTERNAL_ERROR)
 
 SCHEMA = pa.schema(
     [
@@ -34,6 +39,8 @@ SCHEMA = pa.schema(
         pa.field("jpeg_bytes", pa.int32()),  # canonical JPEG body (tables stripped): the bytes the model sees
         pa.field("tokens", pa.int32()),  # BPE tokens of that body, without BOS/EOS
         pa.field("split", pa.string()),  # "train" / "validation" for ok images, null otherwise
+        pa.field("body_sha256", pa.string()),  # hex sha256 of the canonical body (ok and duplicate images)
+        pa.field("duplicate_of", pa.string()),  # the id of the packed image with the same body (duplicate images)
     ]
 )
 
@@ -51,13 +58,15 @@ class ImageStat:
     jpeg_bytes: int | None = None
     tokens: int | None = None
     split: str | None = None
+    body_sha256: str | None = None
+    duplicate_of: str | None = None
 
 
 assert [f.name for f in fields(ImageStat)] == SCHEMA.names
 
 
 def to_parquet_bytes(stats: Iterable[ImageStat]) -> bytes:
-    rows = [asdict(s) for s in stats]
+    rows = [vars(s) for s in stats]  # a shallow dict: dataclasses.asdict deep-copies, ~5x slower here
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
@@ -127,14 +136,25 @@ class Counts:
         )
 
 
+def plural(n: int, noun: str, plural_noun: str | None = None) -> str:
+    """'1 shard', '2 shards', '1,000 work units' (plural_noun when adding 's' is wrong)."""
+    return f"{n:,} {noun if n == 1 else plural_noun or noun + 's'}"
+
+
+def failures(counts: Counts) -> dict:
+    """status -> count for the images that could not be used (not ok, not a duplicate)."""
+    return {k: v for k, v in counts.status.items() if k not in (OK, DUPLICATE)}
+
+
 def summarize(counts: Counts, *, rows: dict, shards: dict, shard_bytes: int, padding_tokens: int, dropped_tokens: int,
-              wall_s: float, images_this_run: int, cpus: float) -> dict:
+              wall_s: float, images_this_run: int, cpus: float, retries: dict | None = None) -> dict:
     """The job summary (printed and saved as OUTPUT/summary.json)."""
-    failed = {k: v for k, v in (counts.status).items() if k != OK}
+    failed = failures(counts)
     throughput = images_this_run / wall_s if wall_s > 0 else 0.0
     return {
         "images": counts.images,
         "images_ok": counts.ok,
+        "images_duplicate": counts.status.get(DUPLICATE, 0),
         "images_failed": sum(failed.values()),
         "failed_by_reason": failed,
         "images_by_split": counts.split_images,
@@ -153,11 +173,18 @@ def summarize(counts: Counts, *, rows: dict, shards: dict, shard_bytes: int, pad
         "images_per_s": round(throughput, 1),
         "cpus": cpus,
         "images_per_s_per_cpu": round(throughput / cpus, 1) if cpus else None,
+        "storage_retries": dict(sorted((retries or {}).items())),
     }
 
 
-def format_summary(summary: dict) -> str:
-    """A readable block for the terminal."""
+# What describes the run that printed the summary rather than the output: left out when a rerun of a finished job
+# shows the saved summary (the figures would claim work that this run did not do).
+THIS_RUN_KEYS = ("wall_time_s", "images_this_run", "images_per_s", "cpus", "images_per_s_per_cpu", "phase_seconds",
+                 "storage_retries")
+
+
+def format_summary(summary: dict, this_run: bool = True) -> str:
+    """A readable block for the terminal; this_run=False leaves out the figures of the run (THIS_RUN_KEYS)."""
 
     def fmt(v):
         if isinstance(v, dict):
@@ -169,14 +196,16 @@ def format_summary(summary: dict) -> str:
         return "-" if v is None else str(v)
 
     labels = [
-        ("images", "images"), ("images_ok", "  ok"), ("images_failed", "  failed"),
-        ("failed_by_reason", "  failed by reason"),
+        ("image_size", "image size (px)"), ("images", "images"), ("images_ok", "  ok"), ("images_duplicate", "  duplicate (packed once)"),
+        ("images_failed", "  failed"), ("failed_by_reason", "  failed by reason"),
         ("images_by_split", "  ok by split"), ("tokens", "tokens (with BOS/EOS)"), ("padding_tokens", "padding tokens"),
         ("dropped_tokens", "dropped tokens"), ("rows", "rows"), ("shards", "shards"), ("shard_bytes", "shard bytes"),
         ("bytes_per_token", "JPEG bytes per token"), ("tokens_per_image", "tokens per image"),
         ("wall_time_s", "wall time (s)"), ("images_this_run", "images processed this run"),
         ("images_per_s", "images/s"),
         ("cpus", "CPUs"), ("images_per_s_per_cpu", "images/s per CPU"), ("phase_seconds", "seconds by phase"),
+        ("storage_retries", "storage retries"),
     ]
+    labels = [(k, label) for k, label in labels if k in summary and (this_run or k not in THIS_RUN_KEYS)]
     width = max(len(label) for _, label in labels)
-    return "\n".join(f"{label:<{width}}  {fmt(summary.get(key))}" for key, label in labels if key in summary)
+    return "\n".join(f"{label:<{width}}  {fmt(summary.get(key))}" for key, label in labels)

@@ -21,7 +21,11 @@ import pyarrow as pa
 import pytest
 
 from jpeglm import cli
-from pipeline import codec, packing, preprocess, shards, stats, storage
+from pipeline import codec, packing, shards, stats, storage
+from pipeline.preprocess import executor
+from pipeline.preprocess.config import PreprocessError
+from pipeline.preprocess.shuffle import body_split
+from pipeline.preprocess.faults import FAULT_ENV
 
 from helpers import parquet_bytes, tar_bytes
 from jpeglm.devtools.s3proxy import S3Proxy
@@ -31,8 +35,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO / "schemas"
 # Small rows and shards so that images span rows and there are several shards of each split.
+# A few small buckets, so that the shuffle spans several bucket tasks; the mixed inputs hold one missing file of 49
+# images (read_error, 2%: above the default --max-failed-fraction).
 ARGS = ["--seq-len", "1024", "--images-per-unit", "8", "--shard-size", "200KB", "--val-fraction", "0.2",
-        "--bpe-sample", "40"]
+        "--bpe-sample", "40", "--images-per-bucket", "3000", "--max-failed-fraction", "0.05"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,7 +91,9 @@ def mixed_inputs(tmp_path_factory, sample_image_dir):
         expected[f"hf/train-00000.parquet#{i}"] = (row["bytes"], "ok" if i < 10 else "not_an_image")
     put("refs/img/a.jpg", data[44])
     put("refs/index.parquet", parquet_bytes(pa.table({"path": ["img/a.jpg", "img/missing.jpg"]}), row_group_size=4))
-    expected["refs/img/a.jpg"] = (data[44], "ok")  # an image file in the input folder like any other
+    # the same image twice: a Parquet file is a unit of its own at once, while image files wait for a full unit,
+    # so the Parquet row comes first in unit order and is kept; the file is its duplicate
+    expected["refs/img/a.jpg"] = (data[44], "duplicate")
     expected["refs/index.parquet#0"] = (data[44], "ok")
     expected["refs/index.parquet#1"] = (None, "read_error")
     return root, expected
@@ -203,8 +211,10 @@ def check_output(output: str, expected: dict[str, tuple[bytes | None, str]]) -> 
     assert {r["id"]: r["status"] for r in table} == {i: s for i, (_, s) in expected.items()}
     assert len(table) == len(expected)
     ok = [r for r in table if r["status"] == "ok"]
-    assert manifest["images"] == {"total": len(expected), "ok": len(ok),
+    assert manifest["images"] == {"total": len(expected), "ok": len(ok), "duplicate": 1,
                                   "failed": {"empty": 1, "not_an_image": 2, "read_error": 1, "truncated": 1}}
+    dup = next(r for r in table if r["status"] == "duplicate")
+    assert (dup["id"], dup["duplicate_of"]) == ("refs/img/a.jpg", "refs/index.parquet#0")
     summary = json.loads(storage.read_bytes(storage.join(output, "summary.json")))
     assert summary["images_ok"] == len(ok) and summary["failed_by_reason"] == manifest["images"]["failed"]
     assert summary["rows"] == {s: manifest["totals"][s]["rows"] for s in rows}
@@ -290,9 +300,9 @@ def test_one_worker_with_worker_deaths_equals_two_workers(clean_local, mixed_inp
     root, _ = mixed_inputs
     out = str(tmp_path / "out")
     proc = _subprocess(str(root), out, "--num-cpus", "1", "--keep-work",
-                       env_extra={preprocess.FAULT_ENV: "encode:1:exit,shard:train-000001:exit"})
+                       env_extra={FAULT_ENV: "encode:1:exit,bucket:1:exit,shard:train-000001:exit"})
     _finish(proc)
-    assert sorted(os.listdir(Path(out, "_work", "faults"))) == ["encode-1", "shard-train-000001"]  # both happened
+    assert sorted(os.listdir(Path(out, "_work", "faults"))) == ["bucket-1", "encode-1", "shard-train-000001"]  # all
     assert [p for p in os.listdir(Path(out, "shards")) if p.startswith(".")] == []  # the dead writer's temp is gone
     _assert_same(_data_files(clean_local), _data_files(out))
 
@@ -301,20 +311,20 @@ def test_killed_driver_reruns_to_identical_output(clean_local, mixed_inputs, tmp
     root, _ = mixed_inputs
     out = tmp_path / "out"
     # 1. killed during the encode phase (unit 3 hangs until then)
-    proc = _subprocess(str(root), str(out), env_extra={preprocess.FAULT_ENV: "encode:3:hang"})
+    proc = _subprocess(str(root), str(out), env_extra={FAULT_ENV: "encode:3:hang"})
     _wait_for(lambda: (out / "_work/faults/encode-3").exists()
-              and len(list((out / "_work/encoded").glob("*.done.json"))) >= 2, "encode progress", proc)
+              and len(list((out / "_work/encoded/done").glob("0*.json"))) >= 2, "encode progress", proc)
     _kill(proc)
     assert not (out / "manifest.json").exists() and not (out / "shards").exists()
-    done_before = len(list((out / "_work/encoded").glob("*.done.json")))
+    done_before = len(list((out / "_work/encoded/done").glob("0*.json")))
     assert 2 <= done_before < 8
     # 2. rerun, killed while shard train-000001 is half written
-    proc = _subprocess(str(root), str(out), env_extra={preprocess.FAULT_ENV: "shard:train-000001:hang"})
+    proc = _subprocess(str(root), str(out), env_extra={FAULT_ENV: "shard:train-000001:hang"})
     _wait_for(lambda: (out / "_work/faults/shard-train-000001").exists(), "the shard phase", proc)
     time.sleep(0.5)
     log = _kill(proc)
     # finished units are skipped (a worker of the killed run may have finished one more while it went down)
-    skipped = re.search(r"encode: (\d+) of 8 units done before", log)
+    skipped = re.search(r"encode: (\d+) units? of 8 done before", log)
     assert skipped and done_before <= int(skipped.group(1)) < 8, log[-2000:]
     clean = _data_files(clean_local)
     visible = sorted(p.name for p in (out / "shards").iterdir() if not p.name.startswith("."))
@@ -333,8 +343,12 @@ def test_rerun_is_a_no_op_and_another_config_is_refused(clean_local, mixed_input
     shutil.copytree(clean_local, out)
     before = _data_files(str(out))
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
     _run(str(root), str(out))  # same command: already complete
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
+    text = capsys.readouterr().out
+    assert "is already complete (same config): nothing to do" in text and "this run" not in text
+    assert "images/s" not in text and re.search(r"^images +51$", text, re.M)
 
     assert _run(str(root), str(out), "--seq-len", "2048", expect=2) == 2
     err = capsys.readouterr().err
@@ -431,7 +445,7 @@ def test_a_shard_upload_killed_midway_leaves_no_object(s3_endpoint, s3_bucket):
 
 def test_bounded_never_has_more_than_max_in_flight_pending(ray_cluster):
     """Backpressure: submissions are consumed lazily, so the driver never queues the whole job."""
-    task = preprocess._remote(preprocess.split_of)
+    task = executor.remote(body_split)
     submitted, finished, high_water = [], [], []
 
     def submissions():
@@ -439,20 +453,34 @@ def test_bounded_never_has_more_than_max_in_flight_pending(ray_cluster):
             def submit(i=i):
                 submitted.append(i)
                 high_water.append(len(submitted) - len(finished))
-                return task.remote(f"id-{i}", 0.5)
+                return task.remote(bytes([i]) * 32, 0.5)
             yield i, submit
 
-    for key, result in preprocess.bounded(submissions(), max_in_flight=3):
+    for key, result in executor.bounded(submissions(), max_in_flight=3):
         finished.append(key)
-        assert result == preprocess.split_of(f"id-{key}", 0.5)
+        assert result == body_split(bytes([key]) * 32, 0.5)
     assert sorted(finished) == list(range(12))
     assert max(high_water) == 3
 
 
 def test_a_task_failing_every_retry_stops_the_job_with_a_resume_hint(ray_cluster):
-    task = preprocess._remote(preprocess.split_of)
-    with pytest.raises(preprocess.PreprocessError, match="failed 4 times.*rerunning the same command resumes"):
-        preprocess.run_bounded([("bad", lambda: task.remote(None, 0.5))], 2, 1, "encode (units)")
+    task = executor.remote(body_split)
+    with pytest.raises(PreprocessError, match="failed 4 times.*rerunning the same command resumes"):
+        list(executor.run_bounded([("bad", lambda: task.remote(None, 0.5))], 2, 1, "encode (units)"))
+
+
+def test_tasks_declare_the_memory_they_need(ray_cluster):
+    """Ray reserves each task's declared memory (the worker's own plus its data), capped at the largest node."""
+    import ray
+
+    def assigned():
+        import ray
+
+        return ray.get_runtime_context().get_assigned_resources()
+
+    got = ray.get(executor.remote(assigned, 100 * 2**20).remote())
+    assert got["CPU"] == 1 and got["memory"] == executor.WORKER_MEMORY + 100 * 2**20
+    assert ray.get(executor.remote(assigned, 10**15).remote())["memory"] == executor.largest_node_memory()
 
 
 def test_only_bad_images_is_an_error_but_the_stats_are_written(ray_cluster, tmp_path, capsys):
@@ -467,5 +495,5 @@ def test_only_bad_images_is_an_error_but_the_stats_are_written(ray_cluster, tmp_
     assert _run(str(tmp_path / "in"), out, "--tokenizer", str(tok), expect=1) == 1
     assert "no image could be used" in capsys.readouterr().err
     manifest = json.loads(Path(out, "manifest.json").read_text())
-    assert manifest["shards"] == [] and manifest["images"] == {"total": 2, "ok": 0,
+    assert manifest["shards"] == [] and manifest["images"] == {"total": 2, "ok": 0, "duplicate": 0,
                                                                "failed": {"empty": 1, "not_an_image": 1}}

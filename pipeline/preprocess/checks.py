@@ -1,0 +1,91 @@
+"""What is checked, and when: inputs and output before anything is created (and before Ray starts), the cluster's
+view of local paths right after Ray starts, and broken-environment failures after encoding, before any shard."""
+
+from __future__ import annotations
+
+import os
+
+from pipeline import storage
+from pipeline.preprocess.config import PreprocessError
+
+
+class EnvironmentFailures(PreprocessError):
+    """Too many images failed for reasons that point at the environment, not the data: stop before the shards."""
+
+    exit_code = 1
+
+
+def resolve_inputs(uris: list[str]) -> list[str]:
+    """The --input URIs, normalized; each must exist."""
+    from pipeline import sources
+
+    try:
+        inputs = [i.uri for i in sources.resolve_inputs([os.fspath(u) for u in uris])]
+    except sources.InputError as e:
+        raise PreprocessError(str(e)) from None
+    missing = [u for u in inputs if not storage.exists(u)]
+    if missing:
+        raise PreprocessError(f"input {missing[0]} does not exist")
+    return inputs
+
+
+def check_inputs_hold_images(inputs: list[str], image_column: str | None) -> None:
+    """Each input holds at least one image, tar or usable Parquet file: walks each until the first one (reads a
+    Parquet footer), so a wrong --input or --image-column fails before OUTPUT is touched."""
+    from pipeline import sources
+
+    for inp in sources.resolve_inputs(inputs):
+        try:
+            next(iter(sources.plan_units([inp], 1, image_column)), None)
+        except sources.InputError as e:
+            raise PreprocessError(str(e)) from None
+
+
+def check_output_usable(output: str) -> None:
+    """A local OUTPUT can be a folder we write in: not a file, not under a file, writable. (An S3 OUTPUT is not
+    probed: least-privilege roles, such as infra/terraform's, may list and write a prefix but not HEAD the bucket.)"""
+    if storage.is_remote(output):
+        return
+    path = os.path.abspath(output)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PreprocessError(f"--output {output} is a file; choose a folder (new, empty, or a previous output)")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise PreprocessError(f"--output {output}: {parent} is a file, so no folder can be made under it; choose "
+                              "another --output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PreprocessError(f"--output {output}: no permission to write in {parent}; choose another --output")
+
+
+def check_cluster_sees(paths: list[str]) -> None:
+    """Refuse at once when a node of the Ray cluster cannot see one of these local paths (the inputs and OUTPUT;
+    OUTPUT may not exist yet). Called after Ray starts and before anything is written.
+    pipeline.cluster.check_paths_visible does it where present."""
+    local = [p for p in paths if not storage.is_remote(p)]
+    try:
+        from pipeline.cluster import check_paths_visible
+    except ImportError:
+        return
+    if local:
+        check_paths_visible(local)
+
+
+def check_environment_failures(images: int, failed: dict[str, int], examples: dict[str, list[str]],
+                               max_fraction: float) -> None:
+    """Stop when images failed for ENVIRONMENT_REASONS are more than max_fraction of all images."""
+    from pipeline.stats import ENVIRONMENT_REASONS
+
+    broken = {r: failed[r] for r in ENVIRONMENT_REASONS if failed.get(r)}
+    total = sum(broken.values())
+    if not images or total <= max_fraction * images:
+        return
+    top = max(broken, key=lambda r: (broken[r], r))
+    example_id, example_message = examples.get(top, ["?", ""])
+    raise EnvironmentFailures(
+        f"{total:,} of {images:,} images ({total / images:.1%}) failed for reasons that point at the environment, "
+        f"above --max-failed-fraction {max_fraction:g}: most are {top} ({broken[top]:,}), e.g. {example_id}: "
+        f"{example_message}. Fix the environment and rerun with --overwrite (or a new --output) to encode them "
+        "again, or rerun the same command with a higher --max-failed-fraction to accept them (nothing is "
+        "re-encoded)")
