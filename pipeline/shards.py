@@ -161,7 +161,7 @@ def read_index(uri: str | os.PathLike, rows: int) -> np.ndarray:
     """A shard's row index (`index_name(shard)`), checked: uint64, rows + 1 offsets, from 0, increasing."""
     uri = os.fspath(uri)
     try:
-        offsets = np.load(io.BytesIO(_read_range(uri, 0)), allow_pickle=False)
+        offsets = np.load(io.BytesIO(storage.read_range(uri, 0)), allow_pickle=False)
     except FileNotFoundError:
         raise ShardError(f"{uri} is missing: the row index of a listed shard (re-run preprocess)") from None
     except ValueError as e:
@@ -181,7 +181,7 @@ def read_row_range(uri: str | os.PathLike, offsets: np.ndarray, split: str, firs
     exactly its two members, named by its key, ending where the index says; its json names the same row."""
     uri = os.fspath(uri)
     start, end = int(offsets[a]), int(offsets[b])
-    buf = _read_range(uri, start, end)
+    buf = storage.read_range(uri, start, end)
     if len(buf) != end - start:
         raise ShardError(f"{uri}: {len(buf)} bytes at {start}, the row index says {end - start}: truncated shard")
     out, pos = [], 0
@@ -197,13 +197,6 @@ def read_row_range(uri: str | os.PathLike, offsets: np.ndarray, split: str, firs
             raise ShardError(f"{uri}: sample {key} says it is {meta.get('split')} row {meta.get('row')}")
         out.append((key, np.load(io.BytesIO(members[TOKENS_MEMBER]), allow_pickle=False), meta))
     return out
-
-
-def _read_range(uri: str, start: int, end: int | None = None) -> bytes:
-    """Bytes [start, end) of a file (to its end when end is None), retried. On S3 this is one GET with a Range
-    header: s3fs's cat_file without a range sends a HEAD first, and a file object reads ahead whole blocks."""
-    fs, path = storage.filesystem(uri)
-    return storage.retry(lambda: fs.cat_file(path, start=start, end=end), f"read {uri} bytes {start}-{end or ''}")
 
 
 def _member(buf: bytes, pos: int, name: str, uri: str, base: int) -> tuple[int, bytes]:

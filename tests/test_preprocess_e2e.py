@@ -497,3 +497,35 @@ def test_only_bad_images_is_an_error_but_the_stats_are_written(ray_cluster, tmp_
     manifest = json.loads(Path(out, "manifest.json").read_text())
     assert manifest["shards"] == [] and manifest["images"] == {"total": 2, "ok": 0, "duplicate": 0,
                                                                "failed": {"empty": 1, "not_an_image": 1}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a Ray cluster of two nodes (tests/conftest.py: two_node_ray; the worker node cannot see one folder)
+
+
+def test_two_node_cluster_with_s3_in_and_out_writes_the_one_node_bytes(clean_local, mixed_inputs, two_node_ray,
+                                                                       s3_bucket):
+    """The same job on a two-node cluster (through RAY_ADDRESS) with S3 input and output: the shards and tokenizer
+    are the bytes of the one-node local run (ids are relative to the input, so local and S3 inputs give the same
+    ids; sources in the stats and the manifest's input URIs differ, as they should)."""
+    root, _ = mixed_inputs
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            storage.write_bytes(f"{s3_bucket}/in/{path.relative_to(root)}", path.read_bytes())
+    proc = _subprocess(f"{s3_bucket}/in", f"{s3_bucket}/out", env_extra=two_node_ray.env())
+    _finish(proc)
+    clean = _data_files(clean_local)
+    _assert_same(clean, _data_files(f"{s3_bucket}/out"),
+                 skip=["manifest.json"] + [n for n in clean if n.startswith("stats/")])
+
+
+def test_a_node_that_cannot_see_the_local_output_refuses_at_start(mixed_inputs, two_node_ray):
+    root, _ = mixed_inputs
+    out = os.path.join(two_node_ray.hidden[0], "e2e", "out")
+    proc = _subprocess(str(root), out, env_extra=two_node_ray.env())
+    text = proc.communicate(timeout=240)[0].decode(errors="replace")
+    assert proc.returncode == 2, text[-3000:]
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "use s3:// or a filesystem shared by all nodes" in errors[0], text[-3000:]
+    assert not os.path.exists(os.path.join(two_node_ray.hidden[0], "e2e"))  # nothing written

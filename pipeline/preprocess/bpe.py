@@ -36,15 +36,11 @@ def bpe_sample_task(output: str, index: int, take: int, config: dict) -> int:
     maybe_fault(layout, "bpe", index)
     unit = json.loads(storage.read_bytes(layout.unit(index)))
     chosen = sample_positions(unit_size(unit), take)
-    if unit["kind"] == "files":  # read only the chosen files
-        unit = {**unit, "entries": [e for i, e in enumerate(unit["entries"]) if i in chosen]}
-        chosen = len(unit["entries"])
+    positions = range(chosen) if isinstance(chosen, int) else chosen  # a tar: its first `take` images
     out = io.BytesIO()
     count = 0
-    for pos, src in enumerate(sources.read_unit(unit)):
-        if isinstance(chosen, int) and pos >= chosen:
-            break
-        if src.data is None or (isinstance(chosen, set) and pos not in chosen):
+    for src in sources.read_unit(unit, positions):  # reads only the chosen images
+        if src.data is None:
             continue
         try:
             body = canonicalize(src.data, config).body

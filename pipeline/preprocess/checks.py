@@ -59,17 +59,12 @@ def check_output_usable(output: str) -> None:
         raise PreprocessError(f"--output {output}: no permission to write in {parent}; choose another --output")
 
 
-def check_cluster_sees(paths: list[str]) -> None:
-    """Refuse at once when a node of the Ray cluster cannot see one of these local paths (the inputs and OUTPUT;
-    OUTPUT may not exist yet). Called after Ray starts and before anything is written.
-    pipeline.cluster.check_paths_visible does it where present."""
-    local = [p for p in paths if not storage.is_remote(p)]
-    try:
-        from pipeline.cluster import check_paths_visible
-    except ImportError:
-        return
-    if local:
-        check_paths_visible(local)
+def check_cluster_sees(inputs: list[str], output: str) -> None:
+    """Refuse at once when a node of the Ray cluster cannot see a local input or OUTPUT (which may not exist yet:
+    its nearest existing parent is probed). Called after Ray starts and before anything is written."""
+    from pipeline.cluster import check_paths_visible
+
+    check_paths_visible(inputs, output)
 
 
 def check_environment_failures(images: int, failed: dict[str, int], examples: dict[str, list[str]],

@@ -10,6 +10,7 @@ import argparse
 import re
 import sys
 
+from jpeglm.cli import jpeglm_command
 from jpeglm.logs import setup_logging
 from pipeline.preprocess.config import DEDUP_MODES, DEFAULTS
 from pipeline.preprocess.job import Job
@@ -151,9 +152,10 @@ def run(args: argparse.Namespace) -> int:
         print(format_summary(summary, this_run=False))
     else:
         print(format_summary(summary))
-    print(f"\noutput: {job.output}\n  see it with: jpeglm inspect {job.output}")
+    jpeglm = jpeglm_command()
+    print(f"\noutput: {job.output}\n  see it with: {jpeglm} inspect {job.output}")
     if summary.get("images_ok") == 0:
         print("jpeglm preprocess: error: no image could be used (see the failures with: "
-              f"jpeglm inspect {job.output} --failed 20)", file=sys.stderr)
+              f"{jpeglm} inspect {job.output} --failed 20)", file=sys.stderr)
         return 1
     return 0

@@ -65,6 +65,7 @@ def encode_unit_task(output: str, index: int, config: dict, fingerprint: str, bu
 
     layout = Layout(output)
     maybe_fault(layout, "encode", index)
+    retry_counts()  # drop what an earlier task of this worker process left uncounted
     start = time.perf_counter()
     unit = json.loads(storage.read_bytes(layout.unit(index)))
     tok = _tokenizer(layout, fingerprint)

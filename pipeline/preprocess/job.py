@@ -99,14 +99,14 @@ class Job:
             self.already_complete = True
             return json.loads(storage.read_bytes(self.layout.summary)) if storage.exists(self.layout.summary) else {}
         checks.check_inputs_hold_images(self.config["inputs"], self.config["image_column"])
-        if address and not storage.is_remote(self.output):
-            log.warning("OUTPUT %s is a local path: every node of the Ray cluster must see it (a shared "
-                        "filesystem); use s3://... otherwise", self.output)
+        from pipeline import sources
+
+        log.info("images: %s", sources.readable_formats_line())
         started_ray = executor.init_ray(address, num_cpus)
         try:
             import ray
 
-            checks.check_cluster_sees(self.config["inputs"] + [self.output])
+            checks.check_cluster_sees(self.config["inputs"], self.output)  # every node sees the local paths
             self._claim(state)
             cpus = float(ray.cluster_resources().get("CPU", 1))
             in_flight = max_in_flight or max(2, int(2 * cpus))

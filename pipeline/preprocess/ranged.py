@@ -7,9 +7,8 @@ a HEAD and reads ahead a whole block (5 MB) for a slice of a few KB.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 from pipeline import storage
+from pipeline.prefetch import ordered
 
 READ_THREADS = 16  # ranged reads in flight per task: hides S3 latency (20-50 ms per request)
 
@@ -18,8 +17,7 @@ def read_range(uri: str, start: int, end: int) -> bytes:
     """Bytes [start, end) of a file; raises if it is shorter."""
     if end <= start:
         return b""
-    fs, path = storage.filesystem(uri)
-    data = storage.retry(lambda: fs.cat_file(path, start=start, end=end), f"read {uri} [{start}, {end})")
+    data = storage.read_range(uri, start, end)
     if len(data) != end - start:
         raise RuntimeError(f"{uri} is shorter than expected: read {len(data)} of bytes [{start}, {end})")
     return data
@@ -27,7 +25,4 @@ def read_range(uri: str, start: int, end: int) -> bytes:
 
 def read_ranges(ranges: list[tuple[str, int, int]], threads: int = READ_THREADS) -> list[bytes]:
     """read_range for each (uri, start, end), concurrently; results in the given order."""
-    if len(ranges) <= 1:
-        return [read_range(*r) for r in ranges]
-    with ThreadPoolExecutor(max_workers=min(threads, len(ranges))) as pool:
-        return list(pool.map(lambda r: read_range(*r), ranges))
+    return list(ordered(lambda r: read_range(*r), ranges, window=min(threads, len(ranges))))

@@ -36,9 +36,8 @@ def write_record(folder: str, index: int, record: dict) -> None:
 
 def retry_counts() -> dict[str, int]:
     """Storage retries by kind in this process since the last call, for the task's done record ("retries"); the
-    driver sums them into the summary and warns. Empty until pipeline.storage counts them (take_retry_counts)."""
-    take = getattr(storage, "take_retry_counts", None)
-    return dict(take()) if take is not None else {}
+    driver sums them into the summary and warns."""
+    return dict(storage.take_retry_counts())
 
 
 def add_retries(total: Counter, record: dict) -> None:

@@ -152,6 +152,7 @@ def shuffle_bucket_task(output: str, bucket: int, buckets: int, units: int, chun
 
     layout = Layout(output)
     maybe_fault(layout, "bucket", bucket)
+    retry_counts()  # drop what an earlier task of this worker process left uncounted
     start = time.perf_counter()
     slices = bucket_slices(layout, bucket, units, chunk)
     passes = max(1, math.ceil(sum(e - s for _, s, e in slices) / max(1, pass_bytes)))

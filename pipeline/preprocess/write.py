@@ -73,6 +73,7 @@ def write_shard_task(output: str, task: int, spec: ShardSpec, seq_len: int, pad_
     from pipeline.packing import TOKEN_DTYPE, ImageRef, rows_in_range
 
     layout = Layout(output)
+    retry_counts()  # drop what an earlier task of this worker process left uncounted
     lo = spec.first_row * seq_len
     hi = min((spec.first_row + spec.num_rows) * seq_len, spec.total_tokens)
     parts, images = [], []
@@ -100,7 +101,8 @@ def write_shard_task(output: str, task: int, spec: ShardSpec, seq_len: int, pad_
     info = shards.write_shard(layout.shard(spec.name), spec.split, rows_with_fault_hook())
     padding = spec.num_rows * seq_len - (hi - lo)
     entry = {"path": f"shards/{spec.name}", "split": spec.split, "first_row": spec.first_row, "rows": info.rows,
-             "tokens": info.rows * seq_len, "padding_tokens": padding, "bytes": info.bytes, "sha256": info.sha256}
+             "tokens": info.rows * seq_len, "padding_tokens": padding, "bytes": info.bytes, "sha256": info.sha256,
+             "index": f"shards/{info.index}"}
     done = {"entry": entry, "retries": retry_counts()}
     write_record(layout.shards_done, task, done)
     return done
