@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import os
 import platform
@@ -187,13 +186,13 @@ def io_benchmark(paths: list[str], work: str, tokenizer, delay_ms: float, rounds
 def ray_limits(work_dir: str, job_seconds: float, phase_seconds: dict, images: int, base_rate: float,
                cpus: int) -> dict:
     """Where the median pass lost efficiency (see the module docstring); the encode tasks' own timings come from
-    their done records in OUTPUT/_work/encoded (kept by --keep-work)."""
-    task_seconds = []
-    for path in glob.glob(os.path.join(work_dir, "_work", "encoded", "*.json")):
-        with open(path) as f:
-            record = json.load(f)
-        if "seconds" in record:
-            task_seconds.append(record["seconds"])
+    their done records in OUTPUT/_work/encoded/done (kept by --keep-work; pipeline/preprocess/results.py)."""
+    from pipeline.preprocess.layout import Layout
+    from pipeline.preprocess.results import ResultLog
+
+    with open(os.path.join(work_dir, "_work", "plan.json")) as f:
+        units = len(json.load(f)["unit_sizes"])
+    task_seconds = [r["seconds"] for _, r in ResultLog(Layout(work_dir).encoded_done, units).load() if "seconds" in r]
     encode_s = phase_seconds.get("encode", job_seconds)
     out = {"encode_share_of_job": round(encode_s / job_seconds, 3), "encode_tasks": len(task_seconds)}
     if task_seconds:
