@@ -17,7 +17,8 @@ from trainer import checkpoint as ckpt
 from trainer import metrics
 from trainer.ds_config import PRESETS, ConfigError, deepspeed_config, gradient_accumulation_steps, load_config
 from trainer.model import ModelConfig
-from trainer.train import lr_at, micro_batch_seed
+from trainer.optim import lr_at
+from trainer.rng import micro_batch_seed
 
 
 @pytest.mark.parametrize("preset", PRESETS)
