@@ -59,10 +59,13 @@ preprocess: setup $(SAMPLE_DIR)/.done
 inspect: setup
 	$(BIN)/jpeglm inspect $(PREPROCESS_OUT)
 
+# trainer.launch is torchrun (same arguments) without its tracebacks on Ctrl-C (exit 130, checkpoint saved) or a
+# failed rank. The conversion for another NPROC than the checkpoint's runs first, outside the process group.
 train: setup
 	@test -f $(PREPROCESS_OUT)/manifest.json || $(MAKE) preprocess
-	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m trainer.train --config tiny \
-	    --data $(PREPROCESS_OUT) --run-dir $(TRAIN_RUN) --resume auto $(TRAIN_ARGS)
+	@$(BIN)/jpeglm checkpoint convert $(TRAIN_RUN) --world-size $(NPROC) >/dev/null
+	OMP_NUM_THREADS=1 $(BIN)/python -m trainer.launch --standalone --nproc_per_node $(NPROC) -m trainer.train \
+	    --config tiny --data $(PREPROCESS_OUT) --run-dir $(TRAIN_RUN) --resume auto $(TRAIN_ARGS)
 
 sample: setup
 	$(BIN)/jpeglm sample --checkpoint $(TRAIN_RUN) --out $(TRAIN_RUN)/samples --num 8 $(SAMPLE_ARGS)

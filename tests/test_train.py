@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +21,8 @@ from trainer.ds_config import PRESETS, ConfigError, deepspeed_config, gradient_a
 from trainer.model import ModelConfig
 from trainer.optim import lr_at
 from trainer.rng import micro_batch_seed
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -203,16 +207,13 @@ def test_cuda_requested_without_a_gpu_is_refused(tmp_path, capsys):
 def test_bench_train_runs_the_gpu_cases_scaled_down_on_cpu(tmp_path):
     """bench/bench_train.py's 1b and 7b-slice cases (the GPU path) on CPU with small shapes: both loops train the
     same model on the same batch, so their first losses agree; the JSON holds what the README quotes."""
-    import subprocess
-    import sys
-
     out = tmp_path / "train.json"
     small = ["--set", "model.d_model=64", "--set", "model.n_heads=2", "--set", "model.ffn_dim=176",
              "--set", "model.n_layers=2", "--seq-len", "64"]
     proc = subprocess.run([sys.executable, "bench/bench_train.py", "--out", str(out), "--device", "cpu", "--cases",
                            "1b,7b-slice", "--steps", "2", "--warmup", "1", *small],
                           capture_output=True, text=True, timeout=300,
-                          cwd=os.path.join(os.path.dirname(__file__), ".."))
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [c["case"] for c in report["cases"]] == ["1b", "7b-slice"]
@@ -222,3 +223,162 @@ def test_bench_train_runs_the_gpu_cases_scaled_down_on_cpu(tmp_path):
             assert len(case[mode]["step_s"]) == 2 and case[mode]["tokens_per_s"] > 0
         assert case["plain"]["losses"][0] == pytest.approx(case["zero3"]["losses"][0], abs=1e-4)
         assert case["overhead_ratio"] == pytest.approx(case["zero3"]["step_s_median"] / case["plain"]["step_s_median"])
+
+
+def _run_cli(*argv: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`jpeglm ARGV` in a fresh interpreter; also returns which heavy modules it had imported when it ended."""
+    code = ("import sys; from jpeglm.cli import main; rc = main(sys.argv[1:]); "
+            "print('imported:', [m for m in ('torch', 'deepspeed') if m in sys.modules]); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    imported = [line for line in proc.stdout.splitlines() if line.startswith("imported:")]
+    return proc, imported
+
+
+def test_run_dir_or_export_out_that_is_a_file_fails_in_one_line_before_loading_anything(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["train", "--config", "tiny", "--data", str(tmp_path), "--run-dir", str(afile)], "is a file, not a folder"),
+        (["train", "--config", "tiny", "--data", str(tmp_path), "--run-dir", str(afile / "run")],
+         f"is inside {afile}, which is a file"),
+        (["export", "--checkpoint", str(tmp_path), "--out", str(afile)], "is a file, not a folder"),
+        (["export", "--checkpoint", str(tmp_path), "--out", str(afile / "model")], "which is a file"),
+    ]
+    for argv, message in cases:
+        proc, imported = _run_cli(*argv)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"jpeglm {argv[0]}: error: ") and message in lines[0], lines
+        assert "choose another" in lines[0] and "Traceback" not in proc.stderr
+        assert imported == ["imported: []"]  # refused before torch (let alone DeepSpeed) was imported
+    assert afile.read_text() == "x" and sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_stop_request_notes_the_first_signal_and_exits_on_the_second():
+    import signal
+
+    from trainer.preemption import StopRequest
+
+    stop = StopRequest()
+    before = {s: signal.getsignal(s) for s in StopRequest.SIGNALS}
+    try:
+        stop.install()
+        assert not stop.requested() and stop.signum() == signal.SIGTERM  # another rank's signal: exit 143
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested() and stop.signum() == signal.SIGTERM and stop.name() == "SIGTERM"
+        with pytest.raises(SystemExit) as exc:
+            os.kill(os.getpid(), signal.SIGINT)  # a second signal: no waiting for the checkpoint
+        assert exc.value.code == 128 + signal.SIGINT
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_mfu_is_explained_once_not_logged_as_null():
+    from trainer.train import _known, _mfu_line
+
+    cpu = _mfu_line(None, None, None)
+    assert "not reported" in cpu and "log.peak_tflops=N" in cpu and "989" in cpu
+    assert "NVIDIA L4 is not in trainer.metrics.PEAK_TFLOPS" in _mfu_line(None, "NVIDIA L4", None)
+    assert _mfu_line(989.0, "NVIDIA H100 80GB HBM3", None).endswith("989 TFLOP/s per device (NVIDIA H100 80GB HBM3)")
+    assert "(log.peak_tflops)" in _mfu_line(500.0, None, 500.0)
+    assert _known(metrics.throughput(100, 1.0, 1e9, 2, None)).keys() == {"tokens_per_s", "tflops_per_device"}
+    assert "mfu" in _known(metrics.throughput(100, 1.0, 1e9, 2, 989.0))
+
+
+def test_moving_average_starts_at_the_data_and_skips_padding_steps(tmp_path):
+    from PIL import Image
+
+    from trainer.run_dir import plot_losses
+
+    assert plots.ema([4.0, 4.0, 4.0], span=3) == [4.0, 4.0, 4.0]  # bias-corrected: no ramp up from 0
+    smooth = plots.ema([5.0, float("nan"), 3.0], span=3)
+    assert smooth[0] == 5.0 and smooth[1] == 5.0 and 3.0 < smooth[2] < 5.0  # NaN (padding only) carries over
+    assert math.isnan(plots.ema([float("nan"), 1.0])[0])
+    rng = np.random.default_rng(0)
+    noisy = [5 - s / 100 + rng.normal(0, 0.3) for s in range(300)]
+    smooth = plots.ema(noisy)
+    assert np.std(np.diff(smooth)) < np.std(np.diff(noisy)) / 5
+
+    records = [{"kind": "train", "step": s + 1, "loss": v} for s, v in enumerate(noisy)]
+    records += [{"kind": "validation", "step": s, "loss": 4.0 - s / 300} for s in (100, 200, 300)]
+    path = plot_losses(str(tmp_path), records, config_name="trainer/configs/tiny.yaml")
+    img = np.asarray(Image.open(path).convert("RGB"))
+
+    def pixels(hex_color: str) -> int:
+        rgb = tuple(int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
+        return int((img == rgb).all(axis=-1).sum())
+
+    pale = plots._faint(plots.COLORS[0])
+    assert pale != plots.COLORS[0]
+    assert pixels(pale) > 300 and pixels(plots.COLORS[0]) > 500 and pixels(plots.COLORS[1]) > 50
+
+
+def test_universal_conversion_is_agreed_by_file_without_a_process_group(tmp_path, capsys):
+    """The waiting ranks learn the converter's outcome from files: its error, a stopped (stale) lock, or their own
+    deadline with what to run. A real ds_to_universal fails on a checkpoint that has no ZeRO files."""
+    import threading
+    import time
+
+    from trainer import convert
+
+    root = str(tmp_path / "checkpoints")
+    _fake_checkpoint(root, 4)
+    final, lock, failed = convert._paths(root, "global_step4")
+
+    with pytest.raises(ckpt.CheckpointError, match=r"waited 0 s .*jpeglm checkpoint convert .*global_step4"):
+        convert.ensure_universal(root, "global_step4", convert=False, wait_s=0.2, poll_s=0.05)
+
+    waiter_error = []
+
+    def wait():
+        try:
+            convert.ensure_universal(root, "global_step4", convert=False, wait_s=120, poll_s=0.05)
+        except ckpt.CheckpointError as e:
+            waiter_error.append(str(e))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    with pytest.raises(ckpt.CheckpointError, match="ds_to_universal failed on global_step4"):
+        convert.ensure_universal(root, "global_step4", convert=True, wait_s=120)
+    waiter.join(timeout=60)
+    assert len(waiter_error) == 1 and "failed" in waiter_error[0] and "ds_to_universal" in waiter_error[0]
+    assert os.path.exists(failed) and not os.path.exists(lock) and not os.path.exists(final)
+    assert not [n for n in os.listdir(root) if ".tmp-" in n]  # the converter's private folder is gone
+
+    # A failure file from an earlier launch is not this launch's outcome: wait (and time out) instead.
+    old = time.time() - 3600
+    os.utime(failed, (old, old))
+    with pytest.raises(ckpt.CheckpointError, match="waited"):
+        convert.ensure_universal(root, "global_step4", convert=False, wait_s=0.2, poll_s=0.05)
+
+    # A lock its holder stopped refreshing: waiters stop waiting, a converter takes it over.
+    with open(lock, "w") as f:
+        f.write("{}")
+    os.utime(lock, (old, old))
+    with pytest.raises(ckpt.CheckpointError, match="stopped .*not refreshed"):
+        convert.ensure_universal(root, "global_step4", convert=False, wait_s=60, poll_s=0.05)
+    assert convert._take_lock(lock) and not convert._take_lock(lock)  # taken over once; now held (fresh)
+    assert json.load(open(lock))["pid"] == os.getpid()
+    os.unlink(lock)
+
+    # Done is a folder renamed into place: nothing to wait for, nothing to convert.
+    os.makedirs(final)
+    assert convert.ensure_universal(root, "global_step4", convert=False, wait_s=0) == "global_step4_universal"
+
+
+def test_checkpoint_convert_command_needs_a_checkpoint_only_when_the_world_size_changes(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["checkpoint", "convert", str(run), "--world-size", "8"]) == 0  # a launcher's first start
+    assert "no checkpoint yet, nothing to convert" in capsys.readouterr().out
+    root = ckpt.checkpoints_dir(str(run))
+    _fake_checkpoint(root, 6)
+    with open(os.path.join(root, "global_step6", ckpt.STATE_FILE), "w") as f:
+        json.dump({"step": 6, "world_size": 8}, f)
+    assert main(["checkpoint", "convert", str(run), "--world-size", "8"]) == 0
+    assert "saved on 8 processes: no conversion needed" in capsys.readouterr().out
+    assert main(["checkpoint", "convert", str(tmp_path / "nothing")]) == 2  # without --world-size: must exist
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert main(["checkpoint", "convert", str(run), "--world-size", "0"]) == 2
+    assert "--world-size must be >= 1" in capsys.readouterr().err

@@ -51,15 +51,45 @@ def skip_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
-def init_deepspeed(device: str) -> None:
-    """Initialize torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPUs (with or without a launcher)."""
+def init_deepspeed(device: str, timeout_s: float | None = None) -> None:
+    """Initialize torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPUs (with or without a launcher).
+    timeout_s: the group's timeout until set_collective_timeout (None: DeepSpeed's default, 10 minutes)."""
+    from datetime import timedelta
+
     single_process_env()
     os.environ["DS_ACCELERATOR"] = device  # before deepspeed is imported: picks its accelerator
     if device == "cpu":
         skip_shm_comm_op()
     import deepspeed
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed logs through its own stdout handler and format: route its warnings through ours (jpeglm.logs).
+    ds_log = logging.getLogger("DeepSpeed")
+    ds_log.handlers.clear()
+    ds_log.propagate = True
+    ds_log.setLevel(logging.WARNING)
     # DeepSpeed 0.19 calls torch.distributed's deprecated *_tensor collectives: one warning per call.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", **kwargs)
+
+
+def set_collective_timeout(timeout_s: float) -> list:
+    """Set the timeout of every process group that exists (the default one and DeepSpeed's) for the collectives
+    that follow: the start-up phase runs under a long timeout, training under this one. Returns the groups set."""
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d as c10d
+
+    groups = list(c10d._world.pg_map)
+    for group in groups:
+        c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)  # torch >= 2.3; NCCL and gloo
+    return groups
+
+
+def collective_timeout_s(group=None) -> float:
+    """The timeout (seconds) a group's next collective runs under (the default group if None)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    group = group or c10d._get_default_group()
+    backend = group._get_backend(next(iter(group._device_types)))
+    return backend.options._timeout.total_seconds()

@@ -61,6 +61,9 @@ def check_resume_state(state: dict, cfg: dict, manifest, order_fingerprint: str,
             if state["config"]["model"].get(k) != v and k != "activation_checkpointing"}
     if diff:
         raise ckpt.CheckpointError(f"refusing to resume {where}: model config differs (checkpoint, now): {diff}")
+    if state.get("codec") and manifest.raw.get("codec") and state["codec"] != manifest.raw["codec"]:
+        raise ckpt.CheckpointError(f"refusing to resume {where}: it was trained on images made with {state['codec']}, "
+                                   f"but {manifest.root} has {manifest.raw['codec']}; use a new --run-dir")
     if state["data"]["order_fingerprint"] != order_fingerprint:
         raise ckpt.CheckpointError(
             f"refusing to resume {where}: the sample order changed (other shards, train.seq_len, train.seed or "

@@ -61,7 +61,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.run_dir import check_output_folder
+
     try:
+        run_dir = check_output_folder(args.run_dir, "--run-dir", local_only=True)
         cfg = load_config(args.config, args.overrides)
         if args.init_from:
             cfg["train"]["init_from"] = args.init_from
@@ -69,15 +72,24 @@ def run(args: argparse.Namespace) -> int:
             from trainer.init_from import with_init_model
 
             cfg = with_init_model(cfg)
-        return train(cfg, args.data, args.run_dir, args.resume)
+        return train(cfg, args.data, run_dir, args.resume, config_name=args.config)
     except UserError as e:
         if os.environ.get("RANK", "0") != "0":
             return e.exit_code  # every rank refuses alike; rank 0 says why (jpeglm.cli prints it)
         raise
+    except KeyboardInterrupt:
+        # Before the signal handlers are installed (imports, conversion, process group): nothing to save yet.
+        if os.environ.get("RANK", "0") == "0":
+            print("\njpeglm train: interrupted before training started; nothing was saved", file=sys.stderr,
+                  flush=True)
+        return 130
 
 
-def train(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> int:
-    ctx = setup(cfg, data, run_dir, resume)
+def train(cfg: dict, data: str, run_dir: str, resume: str = "auto", config_name: str | None = None) -> int:
+    plan = plan_run(cfg, data, run_dir, resume, config_name)
+    if plan.finished is not None:
+        return report_finished(plan)
+    ctx = setup(plan)
     try:
         summary = fit(ctx)
     finally:
@@ -89,8 +101,24 @@ def train(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> int:
 
 
 @dataclass
+class Plan:
+    """What a start will do, decided from files alone (before any process group): every refusal happens here."""
+
+    cfg: dict
+    config_name: str | None  # --config as given (preset name or YAML path)
+    run_dir: str
+    device: str
+    manifest: Manifest
+    tokenizer_bytes: bytes
+    tokenizer: object
+    point: resume_.ResumePoint | None  # None: a fresh start
+    finished: dict | None  # the saved summary when the run already reached train.max_steps
+
+
+@dataclass
 class Context:
     cfg: dict
+    config_name: str | None
     run_dir: str
     manifest: Manifest
     device: str
@@ -132,16 +160,12 @@ def _read_tokenizer(manifest: Manifest):
     return model_bytes, tokenizer
 
 
-def setup(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> Context:
+def plan_run(cfg: dict, data: str, run_dir: str, resume: str = "auto", config_name: str | None = None) -> Plan:
     from trainer.distributed import resolve_device
+    from trainer.run_dir import check_output_folder, finished_summary
 
-    run_dir = os.path.abspath(run_dir)
-    if "://" in run_dir:
-        raise ConfigError("--run-dir must be a filesystem path every process can reach (checkpoints are written there)")
+    run_dir = check_output_folder(run_dir, "--run-dir", local_only=True)
     device = resolve_device(cfg["train"]["device"])
-    os.environ["DS_ACCELERATOR"] = device  # before deepspeed is imported: picks its accelerator
-
-    # Everything that can be refused is checked before any process group exists.
     manifest = Manifest.load(data)
     t = cfg["train"]
     windows = windows_per_row(manifest.seq_len, t["seq_len"])
@@ -158,41 +182,52 @@ def setup(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> Context:
     point = resume_.find(resume, run_dir)
     if point:
         resume_.check_resume_state(point.state, cfg, manifest, order_fingerprint, point.path)
+    finished = finished_summary(run_dir, point.step, t["max_steps"]) if point else None
+    return Plan(cfg=cfg, config_name=config_name, run_dir=run_dir, device=device, manifest=manifest,
+                tokenizer_bytes=tokenizer_bytes, tokenizer=tokenizer, point=point, finished=finished)
+
+
+def report_finished(plan: Plan) -> int:
+    """A rerun of a finished run: say so and show its summary, leaving every file as it is."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{plan.run_dir} is already finished: step {plan.point.step} of train.max_steps="
+              f"{plan.cfg['train']['max_steps']} ({plan.point.path}). To train further, raise train.max_steps; for a "
+              f"new run, use another --run-dir. Its summary ({os.path.join(plan.run_dir, 'summary.json')}):\n"
+              + json.dumps(plan.finished, indent=2), flush=True)
+    return 0
+
+
+def setup(plan: Plan) -> Context:
+    from jpeglm.logs import setup_logging
+    from trainer.distributed import launch_rank_world
+
+    cfg, run_dir, device, point = plan.cfg, plan.run_dir, plan.device, plan.point
+    t, timeouts = cfg["train"], cfg["distributed"]
+    os.environ["DS_ACCELERATOR"] = device  # before deepspeed is imported: picks its accelerator
+    rank, world = launch_rank_world()
+    setup_logging(logging.INFO if rank == 0 else logging.WARNING, prefix=f"[rank {rank}] ")
+    if point and point.needs_universal(world):
+        # Before the process group exists, so no collective timeout can fire however long it takes: rank 0
+        # converts (unless `jpeglm checkpoint convert` did already), the others poll for the result.
+        from trainer.convert import ensure_universal
+
+        ensure_universal(point.root, point.tag, convert=rank == 0, wait_s=timeouts["startup_timeout_s"])
 
     import torch
-    import torch.distributed as dist
 
     import deepspeed
-    from trainer.convert import universal_tag
-    from trainer.distributed import init_deepspeed
+    from trainer.distributed import init_deepspeed, set_collective_timeout
     from trainer.metrics import MetricsLogger, peak_tflops
     from trainer.model import ModelConfig, Transformer
     from trainer.optim import build_optimizer
     from trainer.rng import seed_all
     from trainer.run_dir import next_attempt, write_run_files
 
-    init_deepspeed(device)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    init_deepspeed(device, timeouts["startup_timeout_s"])
     if device == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     gas = gradient_accumulation_steps(cfg, world)
-
-    universal = bool(point) and point.needs_universal(world)
-    if universal:
-        # Rank 0 converts; the others must learn if it failed rather than wait at a barrier forever.
-        outcome = [None]
-        if rank == 0:
-            try:
-                universal_tag(point.root, point.tag)
-            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-                outcome[0] = f"{type(e).__name__}: {e}"
-        dist.broadcast_object_list(outcome, src=0)
-        if outcome[0] is not None:
-            raise ckpt.CheckpointError(f"cannot resume {point.path} on {world} processes: {outcome[0]}")
-    ds_cfg = deepspeed_config(cfg, world, load_universal=universal)
+    ds_cfg = deepspeed_config(cfg, world, load_universal=bool(point) and point.needs_universal(world))
 
     model_cfg = ModelConfig.from_dict(cfg["model"])
     seed_all(t["seed"])  # identical initial weights on every rank and in every run with this seed
@@ -210,23 +245,25 @@ def setup(cfg: dict, data: str, run_dir: str, resume: str = "auto") -> Context:
     start_step, consumed = resume_.load(engine, point, world, weight_decays) if point else (0, 0)
     attempt = next_attempt(run_dir, rank)
 
-    stream = TrainStream(manifest, t["seq_len"], t["seed"], t["global_batch_size"], t["micro_batch_size"], rank, world,
-                         consumed=consumed, block_shards=cfg["data"]["shuffle_block_shards"],
+    stream = TrainStream(plan.manifest, t["seq_len"], t["seed"], t["global_batch_size"], t["micro_batch_size"], rank,
+                         world, consumed=consumed, block_shards=cfg["data"]["shuffle_block_shards"],
                          prefetch_blocks=cfg["data"]["prefetch_blocks"], read_threads=cfg["data"]["read_threads"])
-    val = ValidationSet(manifest, t["seq_len"], t["micro_batch_size"], rank, world, cfg["eval"]["max_samples"])
-    byte_lengths = torch.tensor([len(b) for b in tokenizer.token_bytes()], dtype=torch.float64, device=engine.device)
+    val = ValidationSet(plan.manifest, t["seq_len"], t["micro_batch_size"], rank, world, cfg["eval"]["max_samples"])
+    byte_lengths = torch.tensor([len(b) for b in plan.tokenizer.token_bytes()], dtype=torch.float64,
+                                device=engine.device)
     device_name = torch.cuda.get_device_name() if device == "cuda" else None
     peak = peak_tflops(device_name, cfg["log"]["peak_tflops"])
 
     logger = MetricsLogger(run_dir, rank == 0, t["max_steps"], start_step, cfg["log"]["tensorboard"])
-    ctx = Context(cfg=cfg, run_dir=run_dir, manifest=manifest, device=device, rank=rank, world=world, gas=gas,
-                  engine=engine, model_cfg=model_cfg, stream=stream, val=val,
+    ctx = Context(cfg=cfg, config_name=plan.config_name, run_dir=run_dir, manifest=plan.manifest, device=device,
+                  rank=rank, world=world, gas=gas, engine=engine, model_cfg=model_cfg, stream=stream, val=val,
                   record=SampleRecord(run_dir, rank, world, attempt), logger=logger, byte_lengths=byte_lengths,
-                  tokenizer_bytes=tokenizer_bytes, start_step=start_step, attempt=attempt,
+                  tokenizer_bytes=plan.tokenizer_bytes, start_step=start_step, attempt=attempt,
                   resumed_from=os.path.join(point.root, point.load_tag(world)) if point else None, peak=peak)
     if rank == 0:
-        write_run_files(run_dir, cfg, tokenizer_bytes)
+        write_run_files(run_dir, cfg, plan.tokenizer_bytes)
         _print_header(ctx, device_name)
+    set_collective_timeout(timeouts["collective_timeout_s"])  # start-up is over: training collectives are short
     ctx.stop.install()
     return ctx
 
@@ -249,12 +286,24 @@ def _print_header(ctx: Context, device_name: str | None) -> None:
         f"data: {ctx.manifest.root}: {ctx.stream.order.num_samples:,} train samples per epoch "
         f"({ctx.stream.windows} windows of {t['seq_len']} per {ctx.manifest.seq_len}-token row), "
         f"{ctx.val.num_samples} validation samples; tokenizer {ctx.manifest.fingerprint[:12]}",
-        f"peak for MFU: {f'{ctx.peak:g} TFLOP/s per device' if ctx.peak else 'unknown (set log.peak_tflops)'}",
+        _mfu_line(ctx.peak, device_name, ctx.cfg["log"]["peak_tflops"]),
+        f"collective timeout: {ctx.cfg['distributed']['collective_timeout_s']:g} s while training "
+        f"({ctx.cfg['distributed']['startup_timeout_s']:g} s during start-up)",
         (f"resumed from {ctx.resumed_from} at step {ctx.start_step} (attempt {ctx.attempt})" if ctx.resumed_from
          else f"starting fresh in {ctx.run_dir}"),
     ]
     for line in lines:
         ctx.logger.write(line)
+
+
+def _mfu_line(peak: float | None, device_name: str | None, override: float | None) -> str:
+    """Said once at start; per-step records carry "mfu" only when a peak is known."""
+    if peak:
+        source = "log.peak_tflops" if override else device_name
+        return f"MFU: against a dense peak of {peak:g} TFLOP/s per device ({source})"
+    why = f"{device_name} is not in trainer.metrics.PEAK_TFLOPS" if device_name else "no peak is known for a CPU"
+    return (f"MFU: not reported ({why}); set log.peak_tflops=N, the device's dense bf16 TFLOP/s (e.g. 989 for an "
+            "H100 SXM), to get it")
 
 
 # ---- fit ---------------------------------------------------------------------------------------------------------
@@ -323,13 +372,13 @@ def fit(ctx: Context) -> dict:
             "step_time_s": dt,
             "samples_seen": ctx.stream.consumed,
             "epoch": ctx.stream.consumed / ctx.stream.order.num_samples,
-            **throughput(tokens_per_step, dt, flops_per_token, ctx.world, ctx.peak),
+            **_known(throughput(tokens_per_step, dt, flops_per_token, ctx.world, ctx.peak)),
         }
         ctx.logger.log(rec)
         ctx.logger.progress(step, {"loss": f"{rec['loss']:.3f}", "bpb": f"{rec['bits_per_byte']:.3f}",
                                    "lr": f"{lr:.2e}", "tok/s": f"{rec['tokens_per_s']:,.0f}"})
         if cfg["log"]["every_steps"] and step % cfg["log"]["every_steps"] == 0:
-            mfu = f", MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
+            mfu = f", MFU {rec['mfu']:.1%}" if "mfu" in rec else ""
             ctx.logger.write(f"step {step}/{max_steps}: loss {rec['loss']:.4f} ({rec['bits_per_byte']:.3f} bits/byte), "
                              f"lr {lr:.2e}, grad norm {rec['grad_norm']:.3f}, {rec['tokens_per_s']:,.0f} tokens/s, "
                              f"{rec['tflops_per_device']:.2f} TFLOP/s per device{mfu}")
@@ -348,6 +397,11 @@ def fit(ctx: Context) -> dict:
         save_checkpoint(ctx, step)
     last_val = validate(ctx, step) or last_val
     return _finish(ctx, step, step_times, last_val, started, exit_code=0, preempted=False)
+
+
+def _known(perf: dict) -> dict:
+    """Throughput figures without "mfu": None (no peak known; the header said how to get it)."""
+    return {k: v for k, v in perf.items() if v is not None}
 
 
 def _grad_norm(engine) -> float:
@@ -374,6 +428,7 @@ def save_checkpoint(ctx: Context, step: int) -> str:
         "config": ctx.cfg,
         "model": ctx.model_cfg.to_dict(),
         "tokenizer": dict(ctx.manifest.tokenizer),
+        "codec": ctx.manifest.raw.get("codec"),  # image size and JPEG quality of the training data
         "data": {"uri": ctx.manifest.root, "order_fingerprint": loader["order_fingerprint"],
                  "samples_per_epoch": loader["samples_per_epoch"]},
         "loader": loader,
@@ -399,6 +454,7 @@ def _finish(ctx: Context, step: int, step_times: list[float], last_val: dict, st
     summary = {
         "exit_code": exit_code,
         "preempted": preempted,
+        "config": ctx.config_name,
         "step": step,
         "max_steps": t["max_steps"],
         "steps_this_attempt": steps_run,
@@ -411,7 +467,7 @@ def _finish(ctx: Context, step: int, step_times: list[float], last_val: dict, st
         "flops_per_token": ctx.model_cfg.flops_per_token(t["seq_len"]),
         "tokens_this_attempt": tokens_per_step * steps_run,
         "wall_s": time.perf_counter() - started,
-        **{k: v for k, v in perf.items()},
+        **_known(perf),
         "validation_loss": last_val.get("loss"),
         "validation_bits_per_byte": last_val.get("bits_per_byte"),
         "validation_samples": last_val.get("samples"),
@@ -421,7 +477,7 @@ def _finish(ctx: Context, step: int, step_times: list[float], last_val: dict, st
         records = read_metrics(os.path.join(ctx.run_dir, METRICS))
         train_losses = [r["loss"] for r in records if r["kind"] == "train"]
         summary["train_loss_last10"] = float(np.mean(train_losses[-10:])) if train_losses else None
-        summary["loss_plot"] = plot_losses(ctx.run_dir, records)
+        summary["loss_plot"] = plot_losses(ctx.run_dir, records, ctx.config_name)
         write_summary(ctx.run_dir, summary)
         ctx.logger.close()
         print("summary: " + json.dumps(summary, indent=2), flush=True)
