@@ -204,25 +204,37 @@ def test_cuda_requested_without_a_gpu_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bench_train_runs_the_gpu_cases_scaled_down_on_cpu(tmp_path):
-    """bench/bench_train.py's 1b and 7b-slice cases (the GPU path) on CPU with small shapes: both loops train the
-    same model on the same batch, so their first losses agree; the JSON holds what the README quotes."""
-    out = tmp_path / "train.json"
-    small = ["--set", "model.d_model=64", "--set", "model.n_heads=2", "--set", "model.ffn_dim=176",
-             "--set", "model.n_layers=2", "--seq-len", "64"]
-    proc = subprocess.run([sys.executable, "bench/bench_train.py", "--out", str(out), "--device", "cpu", "--cases",
-                           "1b,7b-slice", "--steps", "2", "--warmup", "1", *small],
-                          capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_gpu_check_dry_run_exercises_every_step_on_cpu(tmp_path):
+    """bench/gpu_check.py --dry-run: the GPU check's steps (imports, env, bench_train's 1b and 7b-slice cases,
+    bench_sample) on CPU at small shapes. Both training loops train the same model on the same batch, so their
+    first losses agree; every module the steps import is on the GPU image or carried in .whl/."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "bench", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(out), "--dry-run"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert [c["case"] for c in report["cases"]] == ["1b", "7b-slice"]
-    for case in report["cases"]:
+    assert list(report["steps"]) == ["imports", "env", "train", "sample"] and report["dry_run"]
+    imports = report["steps"]["imports"]
+    assert imports["missing"] == [] and "deepspeed" in imports["carried"] and "torch" in imports["distributions"]
+    assert set(imports["carried"]) <= gpu_check.CARRIED
+    train = json.loads((tmp_path / "train.json").read_text())
+    assert [c["case"] for c in train["cases"]] == ["1b", "7b-slice"]
+    for case in train["cases"]:
         assert case["seq_len"] == 64 and case["model"]["d_model"] == 64 and case["precision"] == "fp32"
         for mode in ("plain", "zero3"):
             assert len(case[mode]["step_s"]) == 2 and case[mode]["tokens_per_s"] > 0
         assert case["plain"]["losses"][0] == pytest.approx(case["zero3"]["losses"][0], abs=1e-4)
         assert case["overhead_ratio"] == pytest.approx(case["zero3"]["step_s_median"] / case["plain"]["step_s_median"])
+    figures = report["figures"]
+    assert figures["matmul_tflops_measured"] > 0
+    assert figures["train_7b-slice"]["zero3_tokens_per_s"] == train["cases"][1]["zero3"]["tokens_per_s"]
+    assert figures["sample_tiny"]["images_per_min_batch2"] > 0 and figures["sample_tiny"]["tokens_per_image"] == 256
+    assert "train_7b-slice" in proc.stdout and "img/min" in proc.stdout
 
 
 def _run_cli(*argv: str) -> tuple[subprocess.CompletedProcess, list[str]]:
