@@ -128,6 +128,8 @@ def test_latest_ignores_incomplete_saves_and_prune_keeps_k(tmp_path):
     _fake_checkpoint(root, 3, complete=False)  # a crash mid-save, older than the newest
     _fake_checkpoint(root, 10, complete=False)  # a crash mid-save of the newest: must not be resumed from
     os.makedirs(os.path.join(root, "global_step4_universal"))
+    os.makedirs(os.path.join(root, "global_step4_universal.tmp-host-123"))  # a converter that died (convert.py)
+    open(os.path.join(root, "global_step4_universal.failed"), "w").close()
     with open(os.path.join(root, ckpt.LATEST), "w") as f:
         f.write("global_step10")  # e.g. written by another tool before the save completed
     assert ckpt.latest_tag(root) == "global_step8"
@@ -138,7 +140,8 @@ def test_latest_ignores_incomplete_saves_and_prune_keeps_k(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="incomplete checkpoint"):
         ckpt.resolve(os.path.join(root, "global_step10"))
     removed = ckpt.prune(root, keep_last=2)
-    assert removed == ["global_step2", "global_step3", "global_step4", "global_step4_universal"]
+    assert removed == ["global_step2", "global_step3", "global_step4", "global_step4_universal",
+                       "global_step4_universal.failed", "global_step4_universal.tmp-host-123"]
     # The newest incomplete folder stays until a later save passes it (a re-save of its step replaces it).
     assert sorted(os.listdir(root)) == ["global_step10", "global_step6", "global_step8", ckpt.LATEST]
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):

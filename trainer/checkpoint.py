@@ -146,11 +146,16 @@ def prune(root: str, keep_last: int) -> list[str]:
     newest = step_of(tags[-1]) if tags else -1
     removed = []
     for name in os.listdir(root):
-        base = name[: -len(UNIVERSAL_SUFFIX)] if name.endswith(UNIVERSAL_SUFFIX) else name
+        # global_stepN_universal and its .lock / .failed / .tmp-* companions (trainer/convert.py) go with global_stepN
+        base = name.split(UNIVERSAL_SUFFIX)[0]
         step = step_of(base)
         if step is None or base in keep:
             continue
         if base in tags or step < newest:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            path = os.path.join(root, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
             removed.append(name)
     return sorted(removed)

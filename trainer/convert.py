@@ -15,6 +15,7 @@ rank 0 of a job may overlap safely; a lock not refreshed for LOCK_STALE_S is tak
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -99,8 +100,9 @@ def _convert(root: str, tag: str) -> str:
     """Run ds_to_universal into a private temporary folder and rename it into place (we hold the lock)."""
     final, lock, failed = _paths(root, tag)
     _unlink(failed)
+    for stale in glob.glob(glob.escape(final) + ".tmp-*"):  # left by converters that died (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = f"{final}.tmp-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", os.path.join(root, tag),
            "--output_folder", tmp, "--num_extract_workers", "2", "--num_merge_workers", "1"]
     log.info("converting %s to a universal checkpoint for another number of processes", os.path.join(root, tag))
