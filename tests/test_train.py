@@ -291,15 +291,13 @@ def test_stop_request_notes_the_first_signal_and_exits_on_the_second():
 
 
 def test_mfu_is_explained_once_not_logged_as_null():
-    from trainer.train import _known, _mfu_line
-
-    cpu = _mfu_line(None, None, None)
+    cpu = metrics.mfu_note(None, None, None)
     assert "not reported" in cpu and "log.peak_tflops=N" in cpu and "989" in cpu
-    assert "NVIDIA L4 is not in trainer.metrics.PEAK_TFLOPS" in _mfu_line(None, "NVIDIA L4", None)
-    assert _mfu_line(989.0, "NVIDIA H100 80GB HBM3", None).endswith("989 TFLOP/s per device (NVIDIA H100 80GB HBM3)")
-    assert "(log.peak_tflops)" in _mfu_line(500.0, None, 500.0)
-    assert _known(metrics.throughput(100, 1.0, 1e9, 2, None)).keys() == {"tokens_per_s", "tflops_per_device"}
-    assert "mfu" in _known(metrics.throughput(100, 1.0, 1e9, 2, 989.0))
+    assert "NVIDIA L4 is not in trainer.metrics.PEAK_TFLOPS" in metrics.mfu_note(None, "NVIDIA L4", None)
+    assert metrics.mfu_note(989.0, "NVIDIA H100 80GB HBM3", None).endswith("989 TFLOP/s per device (NVIDIA H100 80GB HBM3)")
+    assert "(log.peak_tflops)" in metrics.mfu_note(500.0, None, 500.0)
+    assert metrics.without_unknown(metrics.throughput(100, 1.0, 1e9, 2, None)).keys() == {"tokens_per_s", "tflops_per_device"}
+    assert "mfu" in metrics.without_unknown(metrics.throughput(100, 1.0, 1e9, 2, 989.0))
 
 
 def test_moving_average_starts_at_the_data_and_skips_padding_steps(tmp_path):

@@ -80,16 +80,11 @@ def set_collective_timeout(timeout_s: float) -> list:
 
     from torch.distributed import distributed_c10d as c10d
 
+    if not hasattr(c10d, "_set_pg_timeout"):  # torch < 2.3: the start-up timeout stays in force
+        logging.getLogger(__name__).warning("this torch cannot change a process group's timeout; collectives keep "
+                                            "distributed.startup_timeout_s")
+        return []
     groups = list(c10d._world.pg_map)
     for group in groups:
-        c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)  # torch >= 2.3; NCCL and gloo
+        c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)  # NCCL and gloo
     return groups
-
-
-def collective_timeout_s(group=None) -> float:
-    """The timeout (seconds) a group's next collective runs under (the default group if None)."""
-    from torch.distributed import distributed_c10d as c10d
-
-    group = group or c10d._get_default_group()
-    backend = group._get_backend(next(iter(group._device_types)))
-    return backend.options._timeout.total_seconds()

@@ -269,6 +269,8 @@ def setup(plan: Plan) -> Context:
 
 
 def _print_header(ctx: Context, device_name: str | None) -> None:
+    from trainer.metrics import mfu_note
+
     t = ctx.cfg["train"]
     n = ctx.model_cfg.num_params(non_embedding=True)
     total = ctx.model_cfg.num_params(non_embedding=False)
@@ -286,7 +288,7 @@ def _print_header(ctx: Context, device_name: str | None) -> None:
         f"data: {ctx.manifest.root}: {ctx.stream.order.num_samples:,} train samples per epoch "
         f"({ctx.stream.windows} windows of {t['seq_len']} per {ctx.manifest.seq_len}-token row), "
         f"{ctx.val.num_samples} validation samples; tokenizer {ctx.manifest.fingerprint[:12]}",
-        _mfu_line(ctx.peak, device_name, ctx.cfg["log"]["peak_tflops"]),
+        mfu_note(ctx.peak, device_name, ctx.cfg["log"]["peak_tflops"]),
         f"collective timeout: {ctx.cfg['distributed']['collective_timeout_s']:g} s while training "
         f"({ctx.cfg['distributed']['startup_timeout_s']:g} s during start-up)",
         (f"resumed from {ctx.resumed_from} at step {ctx.start_step} (attempt {ctx.attempt})" if ctx.resumed_from
@@ -294,16 +296,6 @@ def _print_header(ctx: Context, device_name: str | None) -> None:
     ]
     for line in lines:
         ctx.logger.write(line)
-
-
-def _mfu_line(peak: float | None, device_name: str | None, override: float | None) -> str:
-    """Said once at start; per-step records carry "mfu" only when a peak is known."""
-    if peak:
-        source = "log.peak_tflops" if override else device_name
-        return f"MFU: against a dense peak of {peak:g} TFLOP/s per device ({source})"
-    why = f"{device_name} is not in trainer.metrics.PEAK_TFLOPS" if device_name else "no peak is known for a CPU"
-    return (f"MFU: not reported ({why}); set log.peak_tflops=N, the device's dense bf16 TFLOP/s (e.g. 989 for an "
-            "H100 SXM), to get it")
 
 
 # ---- fit ---------------------------------------------------------------------------------------------------------
@@ -337,7 +329,7 @@ def fit(ctx: Context) -> dict:
     import torch
     import torch.distributed as dist
 
-    from trainer.metrics import bits_per_byte, throughput
+    from trainer.metrics import bits_per_byte, throughput, without_unknown
     from trainer.optim import lr_at
 
     cfg, engine = ctx.cfg, ctx.engine
@@ -372,7 +364,7 @@ def fit(ctx: Context) -> dict:
             "step_time_s": dt,
             "samples_seen": ctx.stream.consumed,
             "epoch": ctx.stream.consumed / ctx.stream.order.num_samples,
-            **_known(throughput(tokens_per_step, dt, flops_per_token, ctx.world, ctx.peak)),
+            **without_unknown(throughput(tokens_per_step, dt, flops_per_token, ctx.world, ctx.peak)),
         }
         ctx.logger.log(rec)
         ctx.logger.progress(step, {"loss": f"{rec['loss']:.3f}", "bpb": f"{rec['bits_per_byte']:.3f}",
@@ -397,11 +389,6 @@ def fit(ctx: Context) -> dict:
         save_checkpoint(ctx, step)
     last_val = validate(ctx, step) or last_val
     return _finish(ctx, step, step_times, last_val, started, exit_code=0, preempted=False)
-
-
-def _known(perf: dict) -> dict:
-    """Throughput figures without "mfu": None (no peak known; the header said how to get it)."""
-    return {k: v for k, v in perf.items() if v is not None}
 
 
 def _grad_norm(engine) -> float:
@@ -441,7 +428,7 @@ def save_checkpoint(ctx: Context, step: int) -> str:
 
 def _finish(ctx: Context, step: int, step_times: list[float], last_val: dict, started: float, exit_code: int,
             preempted: bool) -> dict:
-    from trainer.metrics import read_metrics, throughput
+    from trainer.metrics import read_metrics, throughput, without_unknown
     from trainer.run_dir import METRICS, plot_losses, write_summary
 
     t = ctx.cfg["train"]
@@ -467,7 +454,7 @@ def _finish(ctx: Context, step: int, step_times: list[float], last_val: dict, st
         "flops_per_token": ctx.model_cfg.flops_per_token(t["seq_len"]),
         "tokens_this_attempt": tokens_per_step * steps_run,
         "wall_s": time.perf_counter() - started,
-        **_known(perf),
+        **without_unknown(perf),
         "validation_loss": last_val.get("loss"),
         "validation_bits_per_byte": last_val.get("bits_per_byte"),
         "validation_samples": last_val.get("samples"),
