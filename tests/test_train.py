@@ -395,3 +395,33 @@ def test_checkpoint_convert_command_needs_a_checkpoint_only_when_the_world_size_
     assert "no complete checkpoint" in capsys.readouterr().err
     assert main(["checkpoint", "convert", str(run), "--world-size", "0"]) == 2
     assert "--world-size must be >= 1" in capsys.readouterr().err
+
+
+def test_one_loss_function_for_training_and_validation():
+    """trainer/loss.py: the mean over valid targets for backward; the counts as totals (training) or per sequence
+    (validation, summed per sample whatever the world size), both agreeing; padding-only rows count nothing."""
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.data import IGNORE_INDEX
+    from trainer.loss import loss_and_counts
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 16, 320, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 320, (3, 16), generator=g)
+    targets[1, 10:] = IGNORE_INDEX
+    targets[2, :] = IGNORE_INDEX  # a row of padding only
+    byte_lengths = torch.randint(0, 4, (320,), generator=g).double()
+    loss, totals = loss_and_counts(logits, targets, byte_lengths)
+    _, rows = loss_and_counts(logits, targets, byte_lengths, per_row=True)
+    valid = targets != IGNORE_INDEX
+    expected = F.cross_entropy(logits.view(-1, 320), targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    assert torch.equal(loss, expected / 26) and loss.requires_grad
+    assert totals.tolist() == pytest.approx([expected.item(), 26, byte_lengths[targets[valid]].sum().item()])
+    assert rows.shape == (3, 3) and rows[2].tolist() == [0, 0, 0] and rows[:, 1].tolist() == [16, 10, 0]
+    assert rows.sum(0).tolist() == pytest.approx(totals.tolist())
+    padding = torch.full((1, 16), IGNORE_INDEX)
+    loss, totals = loss_and_counts(logits[2:], padding, byte_lengths)
+    assert loss.item() == 0 and totals.tolist() == [0, 0, 0]
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()

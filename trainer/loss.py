@@ -12,8 +12,9 @@ from trainer.data import IGNORE_INDEX
 COUNTS = ("loss_sum", "tokens", "bytes")  # the entries of the counts tensor, in order
 
 
-def loss_and_counts(logits, targets, byte_lengths):
-    """(mean loss over valid targets, float64 tensor [loss_sum, tokens, bytes]).
+def loss_and_counts(logits, targets, byte_lengths, per_row: bool = False):
+    """(mean loss over valid targets, float64 counts [loss_sum, tokens, bytes]; with per_row, one such row per
+    sequence of the micro-batch, shape (micro, 3), for sums that must not depend on how rows are spread over ranks).
 
     A micro-batch of padding only (windows past a row's valid_tokens) gives loss 0 and no gradient, where a plain
     mean would be 0/0 = NaN and poison the weights. byte_lengths[id] = bytes spelled by token id."""
@@ -22,18 +23,24 @@ def loss_and_counts(logits, targets, byte_lengths):
 
     valid = targets != IGNORE_INDEX
     n = valid.sum()
-    loss_sum = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-    n_bytes = byte_lengths[targets.clamp(min=0)][valid].sum()
-    counts = torch.stack([loss_sum.detach().double(), n.double(), n_bytes.double()])
+    flat_logits, flat_targets = logits.view(-1, logits.size(-1)), targets.view(-1)
+    loss_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    n_bytes = torch.where(valid, byte_lengths[targets.clamp(min=0)], 0)
+    if per_row:
+        with torch.no_grad():
+            per_token = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="none")
+        counts = torch.stack([per_token.view(targets.shape).double().sum(1), valid.double().sum(1),
+                              n_bytes.double().sum(1)], dim=1)
+    else:
+        counts = torch.stack([loss_sum.detach().double(), n.double(), n_bytes.double().sum()])
     return loss_sum / n.clamp(min=1), counts
 
 
-def forward_loss(model, batch, byte_lengths):
+def forward_loss(model, batch, byte_lengths, per_row: bool = False):
     """Move a data batch to byte_lengths' device, run the model, return loss_and_counts."""
     import torch
 
     device = byte_lengths.device
     inputs = torch.from_numpy(batch.inputs).to(device)
     targets = torch.from_numpy(batch.targets).to(device)
-    return loss_and_counts(model(inputs), targets, byte_lengths)
+    return loss_and_counts(model(inputs), targets, byte_lengths, per_row)

@@ -17,14 +17,17 @@ def validation_loss(engine, val, byte_lengths) -> dict:
     from trainer.loss import forward_loss
     from trainer.metrics import bits_per_byte
 
-    sums = torch.zeros(3, dtype=torch.float64, device=byte_lengths.device)
     engine.eval()
     with torch.no_grad():
-        for batch in val.batches:
-            sums += forward_loss(engine, batch, byte_lengths)[1]
+        per_row = torch.cat([forward_loss(engine, batch, byte_lengths, per_row=True)[1] for batch in val.batches])
     engine.train()
-    dist.all_reduce(sums)
-    loss_sum, tokens, n_bytes = sums.tolist()
+    if hasattr(val, "total"):
+        # Exact whatever the world size: each sample's sums land in its own slot (trainer/data.py).
+        loss_sum, tokens, n_bytes = val.total(per_row)
+    else:
+        sums = per_row.sum(0)
+        dist.all_reduce(sums)
+        loss_sum, tokens, n_bytes = sums.tolist()
     return {"loss": loss_sum / tokens if tokens else float("nan"), "bits_per_byte": bits_per_byte(loss_sum, n_bytes),
             "tokens": int(tokens), "samples": val.num_samples}
 
