@@ -104,6 +104,8 @@ def plot_losses(run_dir: str, records: list[dict], config_name: str | None = Non
     if val:
         series["validation"] = tuple(zip(*val))
     preset = os.path.splitext(os.path.basename(config_name))[0] if config_name else None
-    title = f"training loss: {run_dir}" + (f" ({preset} preset)" if preset else "")
+    shown = os.path.relpath(run_dir)  # as the user would type it, when it is below the working directory
+    shown = run_dir if shown.startswith("..") else shown
+    title = f"training loss: {shown}" + (f" ({preset} preset)" if preset else "")
     return line_plot(series, os.path.join(run_dir, LOSS_PLOT), title=title, xlabel="step", ylabel="loss (nats/token)",
                      faint={"train (per step)"})
