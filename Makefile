@@ -28,7 +28,8 @@ help:
 	@echo "make preprocess   images -> canonical JPEG -> BPE -> packed WebDataset shards (bundled sample, local Ray)"
 	@echo "make test         install everything into .venv (first run: ~3 min) and run the test suite"
 	@echo "make setup        install only (idempotent; instant when pyproject/constraints are unchanged)"
-	@echo "make train        train the tiny preset on CPU on the output of make preprocess (2 processes, ZeRO-3)"
+	@echo "make train        train the tiny preset on CPU on the output of make preprocess (2 processes, ZeRO-3;"
+	@echo "                  Ctrl-C saves a checkpoint, rerun continues it; a finished run shows its summary)"
 	@echo "make sample       sample images from the tiny run"
 	@echo "make bench        benchmarks -> bench/results/*.json"
 	@echo "make tensorboard  open TensorBoard on the tiny run's metrics (its own venv; http://127.0.0.1:6006)"
@@ -60,10 +61,13 @@ preprocess: setup $(SAMPLE_DIR)/.done
 inspect: setup
 	$(BIN)/jpeglm inspect $(PREPROCESS_OUT)
 
+# trainer.launch is torchrun (same arguments) without its tracebacks on Ctrl-C (exit 130, checkpoint saved) or a
+# failed rank. The conversion for another NPROC than the checkpoint's runs first, outside the process group.
 train: setup
 	@test -f $(PREPROCESS_OUT)/manifest.json || $(MAKE) preprocess
-	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m trainer.train --config tiny \
-	    --data $(PREPROCESS_OUT) --run-dir $(TRAIN_RUN) --resume auto $(TRAIN_ARGS)
+	@$(BIN)/jpeglm checkpoint convert $(TRAIN_RUN) --world-size $(NPROC) >/dev/null
+	OMP_NUM_THREADS=1 $(BIN)/python -m trainer.launch --standalone --nproc_per_node $(NPROC) -m trainer.train \
+	    --config tiny --data $(PREPROCESS_OUT) --run-dir $(TRAIN_RUN) --resume auto $(TRAIN_ARGS)
 
 sample: setup
 	$(BIN)/jpeglm sample --checkpoint $(TRAIN_RUN) --out $(TRAIN_RUN)/samples --num 8 $(SAMPLE_ARGS)

@@ -70,7 +70,7 @@ class PlainStep:
         import torch
 
         from trainer.model import ModelConfig, Transformer
-        from trainer.train import param_groups
+        from trainer.optim import param_groups
 
         self.torch = torch
         self.bf16 = cfg["train"]["precision"] == "bf16"
@@ -106,7 +106,7 @@ class ZeRO3Step:
 
         from trainer.ds_config import deepspeed_config
         from trainer.model import ModelConfig, Transformer
-        from trainer.train import param_groups
+        from trainer.optim import param_groups
 
         self.torch = torch
         ds_cfg = deepspeed_config(cfg, world_size=1)
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed
 
     from trainer.metrics import peak_tflops
-    from trainer.train import init_deepspeed
+    from trainer.distributed import init_deepspeed
 
     init_deepspeed(device)
     device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()

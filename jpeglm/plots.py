@@ -2,16 +2,39 @@
 
     line_plot({"train": (steps, losses), "validation": (val_steps, val_losses)}, "loss.png",
               title="loss", xlabel="step", ylabel="nats/token")
+    line_plot({"raw": (steps, losses), "smoothed": (steps, ema(losses))}, "loss.png", faint={"raw"})
     histogram(values, "sizes.png", title="body size", xlabel="bytes")
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 # Colour-blind-safe palette (Okabe-Ito).
 COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+
+
+def ema(values: Sequence[float], span: float | None = None) -> list[float]:
+    """Exponential moving average with bias correction (so it starts at the first value, not at 0), as TensorBoard
+    smooths. span: the averaging window in points (weight 1 - 2 / (span + 1)); default ~5% of the points. NaN values
+    (e.g. a step of padding only) are skipped: the average carries over them."""
+    span = span or max(1.0, len(values) / 20)
+    alpha = 2.0 / (span + 1.0)
+    out, avg, weight = [], 0.0, 0.0
+    for v in values:
+        v = float(v)
+        if math.isfinite(v):
+            avg = (1 - alpha) * avg + alpha * v
+            weight = (1 - alpha) * weight + alpha
+        out.append(avg / weight if weight else float("nan"))
+    return out
+
+
+def _faint(hex_color: str, keep: float = 0.35) -> str:
+    """The colour mixed with white: what a raw series drawn under its smoothed line looks like."""
+    rgb = [int(hex_color[i : i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(255 - (255 - c) * keep):02x}" for c in rgb)
 
 
 def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
@@ -101,8 +124,10 @@ def line_plot(
     ylabel: str = "",
     log_y: bool = False,
     size: tuple[int, int] = (960, 540),
+    faint: Collection[str] = (),
 ) -> str:
-    """Draw each named (xs, ys) series as a line (a single point as a dot) and save a PNG at path."""
+    """Draw each named (xs, ys) series as a line (a single point as a dot) and save a PNG at path. Series named in
+    `faint` are drawn first, thin and pale, in the colour of the series that follows them (raw under smoothed)."""
     pts = {
         name: [(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(float(y)) and (not log_y or float(y) > 0)]
         for name, (xs, ys) in series.items()
@@ -118,16 +143,25 @@ def line_plot(
         ylo, yhi = ylo - pad, yhi + pad
     img, draw, tx, ty, box = _frame(size, title, xlabel, ylabel, xlo, xhi, ylo, yhi, log_y)
     small = _font(13)
-    for i, (name, p) in enumerate(pts.items()):
-        color = COLORS[i % len(COLORS)]
+    # A faint series shares the colour of the next full one; faint ones are drawn first so full lines stay on top.
+    colors, k = {}, 0
+    for name in pts:
+        colors[name] = COLORS[k % len(COLORS)]
+        k += name not in faint
+    order = [n for n in pts if n in faint] + [n for n in pts if n not in faint]
+    for name in order:
+        p, pale = pts[name], name in faint
+        color = _faint(colors[name]) if pale else colors[name]
         xy = [(tx(x), ty(y)) for x, y in p]
         if len(xy) > 1:
-            draw.line(xy, fill=color, width=2)
-        for x, y in xy if len(xy) <= 50 else []:
+            draw.line(xy, fill=color, width=1 if pale else 2)
+        for x, y in xy if len(xy) <= 50 and not pale else []:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+    for i, name in enumerate(pts):
+        color = _faint(colors[name]) if name in faint else colors[name]
         ly = box[1] + 10 + 20 * i
-        draw.line([(box[2] - 150, ly + 7), (box[2] - 125, ly + 7)], fill=color, width=3)
-        draw.text((box[2] - 118, ly), name, fill="black", font=small)
+        draw.line([(box[2] - 170, ly + 7), (box[2] - 145, ly + 7)], fill=color, width=3)
+        draw.text((box[2] - 138, ly), name, fill="black", font=small)
     img.save(path)
     return path
 

@@ -64,15 +64,21 @@ print(json.dumps({"loss": total / count, "samples": val.num_samples,
 """
 
 
-def test_exported_model_loads_without_deepspeed_and_reproduces_the_validation_loss(run_dir, tmp_path):
+def test_exported_model_loads_without_deepspeed_and_reproduces_the_validation_loss(run_dir, tmp_path, capfd):
     out = tmp_path / "model"
     assert main(["export", "--checkpoint", run_dir, "--out", str(out)]) == 0
+    printed = capfd.readouterr()
+    assert printed.out.strip().splitlines() == [f"exported {run_dir}/checkpoints/global_step6 (step 6, 0.14M "
+                                                f"parameters, fp32) to {out} (native format)"]
+    assert "Processing zero checkpoint" not in printed.err + printed.out and "Reconstructed" not in printed.err
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.model"]
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     with open(out / "config.json") as f:
         config = json.load(f)
     assert config["source"]["step"] == 6 and config["model"]["n_layers"] == 2
+    # The training images' codec travels from the manifest through the checkpoint into the export.
+    assert config["codec"] == {"size": 256, "quality": 25, "subsampling": "4:2:0", "restart_interval_mcus": 1}
     assert (out / "tokenizer.model").read_bytes() == open(os.path.join(run_dir, "tokenizer.model"), "rb").read()
     data = config["source"]["data"]
     proc = subprocess.run([sys.executable, "-c", _EVAL_WITHOUT_DEEPSPEED, str(out), data,

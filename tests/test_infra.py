@@ -266,8 +266,12 @@ def test_sbatch_scripts_pass_bash_n_shellcheck_and_flag_checks(job):
 
 def test_sbatch_commands_use_the_params_and_report_missing_ones():
     params = check.read_params(INFRA / "slurm/params.example.env")
-    ((_, argv, missing),) = check.sbatch_commands(INFRA / "slurm/train.sbatch", params)
-    assert not missing
+    # The conversion for another number of GPUs runs first, outside the process group (trainer/convert.py).
+    (l1, convert, missing1), (l2, argv, missing) = check.sbatch_commands(
+        INFRA / "slurm/train.sbatch", {**check.SLURM_RUNTIME_EXAMPLES, **params})
+    assert not missing and not missing1 and l1 < l2
+    assert check.parse_jpeglm(convert).run == params["RUN_DIR"] and convert[1:4] == ["checkpoint", "convert",
+                                                                                    params["RUN_DIR"]]
     args = check.parse_jpeglm(argv)
     assert (args.config, args.data, args.run_dir, args.resume) == (params["PRESET"], params["DATA_URI"], params["RUN_DIR"], "auto")
     ((_, argv, _),) = check.sbatch_commands(INFRA / "slurm/preprocess.sbatch", {**check.SLURM_RUNTIME_EXAMPLES, **params})
@@ -283,7 +287,8 @@ def test_train_sbatch_requeues_with_resume_and_shuts_down_in_time():
     directives = [l.split(None, 1)[1] for l in text.splitlines() if l.startswith("#SBATCH")]
     (signal_lead,) = [int(d.split("@")[1]) for d in directives if d.startswith("--signal=B:TERM@")]
     assert "--requeue" in directives and "--open-mode=append" in directives
-    ((_, argv, _),) = check.sbatch_commands(INFRA / "slurm/train.sbatch", check.read_params(INFRA / "slurm/params.example.env"))
+    (_, _, _), (_, argv, _) = check.sbatch_commands(INFRA / "slurm/train.sbatch",
+                                                    check.read_params(INFRA / "slurm/params.example.env"))
     assert argv[argv.index("--resume") + 1] == "auto"
     (line,) = [l for l in check.logical_lines(text) if "torchrun" in l and "jpeglm" in l]
     (timeout,) = [int(w.split("=")[1]) for w in shlex.split(line) if w.startswith("--shutdown-timeout=")]
@@ -292,9 +297,11 @@ def test_train_sbatch_requeues_with_resume_and_shuts_down_in_time():
 
 def _fake_slurm(tmp_path, srun_exit: int):
     """Stand-ins for srun/scontrol (no Slurm here): srun records its argv, and on SIGTERM records it, spends 1 s
-    "checkpointing" and exits 1 (as torchrun does after SIGTERM); scontrol answers hostnames and records requeues."""
+    "checkpointing" and exits 1 (as torchrun does after SIGTERM); scontrol answers hostnames and records requeues;
+    jpeglm (the conversion the script runs before srun) records its argv in jpeglm.log."""
     bin_dir, log = tmp_path / "bin", tmp_path / "slurm.log"
     bin_dir.mkdir()
+    (bin_dir / "jpeglm").write_text(f'#!/bin/bash\necho "jpeglm $*" >> {tmp_path}/jpeglm.log\n')
     (bin_dir / "srun").write_text(textwrap.dedent(f"""\
         #!/bin/bash
         echo "srun $*" >> {log}
@@ -339,6 +346,9 @@ def test_train_sbatch_forwards_sigterm_then_requeues(tmp_path):
     srun_argv = shlex.split(lines[0])
     assert "--nproc-per-node=8" in srun_argv and "--rdzv-endpoint=node001:29500" in srun_argv
     assert lines[1:] == ["srun got TERM", "requeue 4242"], lines  # the ranks stop before the requeue
+    # Before srun: the checkpoint converted for this allocation's world size (2 nodes x 8 GPUs), if it needs it.
+    assert (tmp_path / "jpeglm.log").read_text().splitlines() == [
+        f"jpeglm checkpoint convert {tmp_path / 'run'} --world-size 16"]
 
 
 @pytest.mark.timeout(60)

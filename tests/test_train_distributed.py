@@ -3,8 +3,11 @@
 
   reference   30 steps uninterrupted, checkpoint every 4        (uneven shards; ZeRO-3 init; the baseline)
   killed      SIGKILL of every process after step 6, then --resume auto          == reference, bitwise
-  preempted   SIGTERM to torchrun after step 5 (checkpoint only on the signal), resumed on ONE process with
-              activation checkpointing                                            == reference, bitwise
+  preempted   Ctrl-C (SIGINT to the process group, as a terminal sends it) to `python -m trainer.launch` (what
+              `make train` runs) after step 5, checkpoint only on the signal; resumed on ONE process with
+              activation checkpointing, checkpoints every 4 steps               == reference, bitwise
+  widened     preempted's step-24 checkpoint (1 process) resumed on 2, the universal conversion made slower
+              than the collective timeout                                        == reference, bitwise
   learning    150 steps of a small model on the full dataset; validation loss vs the unigram entropy
 """
 
@@ -15,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,8 +46,8 @@ def _env() -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def torchrun(nproc: int, data: str, run_dir: str, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+def torchrun(nproc: int, data: str, run_dir: str, *overrides: str, launcher: str = "torch.distributed.run") -> list[str]:
+    return [sys.executable, "-m", launcher, "--standalone", f"--nproc_per_node={nproc}",
             "-m", "trainer.train", "--config", "tiny", "--data", data, "--run-dir", run_dir, *overrides]
 
 
@@ -75,9 +79,9 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
             pass
 
 
-def run_to_end(cmd: list[str], expect_rc: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                            start_new_session=True)
+def run_to_end(cmd: list[str], expect_rc: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**_env(), **(env or {})}, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -88,8 +92,11 @@ def run_to_end(cmd: list[str], expect_rc: int = 0) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
-def interrupt_after(cmd: list[str], run_dir: str, step: int, sig: int, whole_tree: bool) -> tuple[int, str]:
-    """Start cmd, wait until metrics.jsonl shows `step`, then send sig to torchrun (or to it and every worker)."""
+def interrupt_after(cmd: list[str], run_dir: str, step: int, sig: int, whole_tree: bool = False,
+                    group: bool = False) -> tuple[int, str]:
+    """Start cmd in a session of its own, wait until metrics.jsonl shows `step`, then send sig to the launcher, to
+    its process group (what a terminal's Ctrl-C does; torchrun's workers have sessions of their own), or to it and
+    every worker."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                             start_new_session=True)
     metrics = os.path.join(run_dir, "metrics.jsonl")
@@ -104,6 +111,8 @@ def interrupt_after(cmd: list[str], run_dir: str, step: int, sig: int, whole_tre
         assert proc.poll() is None, f"the run ended before step {step}:\n{proc.communicate()[0][-5000:]}"
         if whole_tree:
             kill_tree(proc.pid, sig)
+        elif group:
+            os.killpg(proc.pid, sig)
         else:
             proc.send_signal(sig)
         out, _ = proc.communicate(timeout=120)
@@ -176,19 +185,18 @@ def killed(uneven, tmp_path_factory) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def preempted(uneven, tmp_path_factory) -> tuple[str, int, str]:
+def preempted(uneven, tmp_path_factory) -> tuple[str, int, str, int]:
     run_dir = str(tmp_path_factory.mktemp("preempted"))
     no_periodic = [*RESUME, "checkpoint.every_steps=1000"]
-    rc, out = interrupt_after(torchrun(2, uneven, run_dir, *no_periodic), run_dir, step=5, sig=signal.SIGTERM,
-                              whole_tree=False)
-    assert rc != 0, out[-3000:]  # a preempted run must not look like a finished one to the scheduler
+    rc, out = interrupt_after(torchrun(2, uneven, run_dir, *no_periodic, launcher="trainer.launch"), run_dir, step=5,
+                              sig=signal.SIGINT, group=True)
     stopped_at = ckpt.step_of(ckpt.latest_tag(ckpt.checkpoints_dir(run_dir)) or "")
-    assert stopped_at is not None, f"no checkpoint after SIGTERM:\n{out[-5000:]}"
+    assert stopped_at is not None, f"no checkpoint after Ctrl-C:\n{out[-5000:]}"
     # Resume on ONE plain process (no launcher): a universal checkpoint conversion, then the same order. With
     # activation checkpointing on, which must not change a bit (recomputation under ZeRO-3 re-gathers the weights).
     resumed = run_to_end([sys.executable, "-m", "trainer.train", "--config", "tiny", "--data", uneven, "--run-dir",
-                          run_dir, *no_periodic, "model.activation_checkpointing=1"])
-    return run_dir, stopped_at, out + resumed.stdout
+                          run_dir, *RESUME, "model.activation_checkpointing=1"])
+    return run_dir, stopped_at, out + resumed.stdout, rc
 
 
 def test_zero3_init_really_initializes_the_weights(uneven, tmp_path):
@@ -254,12 +262,19 @@ def test_uneven_shards_every_rank_runs_every_step(reference):
     with open(os.path.join(reference, "summary.json")) as f:
         summary = json.load(f)
     assert summary["step"] == 30 and summary["world_size"] == 2 and summary["exit_code"] == 0
+    assert summary["config"] == "tiny" and "mfu" not in summary  # CPU: no peak, so no MFU (the header says why)
+    with open(os.path.join(reference, "metrics.jsonl")) as f:
+        assert not [r for r in map(json.loads, f) if "mfu" in r]
 
 
-def test_sigterm_checkpoints_and_resume_on_one_process_continues_the_same_order(reference, preempted):
-    run_dir, stopped_at, out = preempted
-    assert 5 <= stopped_at < 30
-    assert "stopping on signal SIGTERM" in out
+def test_ctrl_c_checkpoints_quietly_and_resume_on_one_process_continues_the_same_order(reference, preempted):
+    run_dir, stopped_at, out, rc = preempted
+    assert rc == 130 and 5 <= stopped_at < 24  # a preempted run must not look like a finished one to make/schedulers
+    interrupted = out[: out.index("summary:")]
+    # Our one line, once (rank 0), and none of torchrun's SignalException / ChildFailedError noise.
+    assert interrupted.count("stopping on signal SIGINT: checkpoint saved at step") == 1, interrupted[-3000:]
+    for noise in ("Traceback", "SignalException", "ChildFailedError", "KeyboardInterrupt", "OMP_NUM_THREADS"):
+        assert noise not in out, out[-5000:]
     assert f"resumed from {os.path.join(run_dir, 'checkpoints', ckpt.tag_for(stopped_at))}_universal" in out
     records, ref = read_sample_records(run_dir), read_sample_records(reference)
     for step in range(stopped_at + 1, 31):
@@ -269,8 +284,86 @@ def test_sigterm_checkpoints_and_resume_on_one_process_continues_the_same_order(
     for step in range(1, stopped_at + 1):
         assert [r["world"] for r in records[step]] == [2, 2]
     # 2 -> 1 with the global batch kept by accumulation is bitwise equal here (the universal-load fixes in
-    # trainer/checkpoint.py are what make it so; without them the weights drift by ~1e-3).
+    # trainer/resume.py are what make it so; without them the weights drift by ~1e-3).
     assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
+
+
+def test_resume_on_more_processes_outlasts_the_collective_timeout_while_converting(reference, preempted, uneven,
+                                                                                  tmp_path):
+    """1 -> 2 processes. Rank 0 converts the checkpoint before the process group exists while rank 1 polls for the
+    result, so a conversion slower than the training collective timeout (here 10 s against 4 s) cannot time out;
+    the timeout is in force once training runs (test_collective_timeout_is_long_in_start_up_short_in_training)."""
+    source, _, _, _ = preempted
+    run_dir = str(tmp_path / "widened")
+    shutil.copytree(source, run_dir)
+    root = ckpt.checkpoints_dir(run_dir)
+    for tag in ("global_step28", "global_step30"):
+        shutil.rmtree(os.path.join(root, tag))
+    with open(os.path.join(root, ckpt.LATEST), "w") as f:
+        f.write("global_step24")
+    assert ckpt.read_state(root, "global_step24")["world_size"] == 1
+    out = run_to_end(torchrun(2, uneven, run_dir, *RESUME, "distributed.collective_timeout_s=4"),
+                     env={"JPEGLM_CONVERT_DELAY_S": "10"}).stdout
+    converted = re.search(r"converted global_step24 in ([\d.]+) s", out)
+    assert converted and float(converted.group(1)) >= 10, out[-3000:]
+    assert "collective timeout: 4 s while training (7200 s during start-up)" in out
+    assert f"resumed from {os.path.join(root, 'global_step24_universal')} at step 24" in out
+    records, ref = read_sample_records(run_dir), read_sample_records(reference)
+    for step in range(25, 31):
+        assert [r["world"] for r in records[step]] == [2, 2]
+        assert [r["samples"] for r in records[step]] == [r["samples"] for r in ref[step]]
+    assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
+    # A launcher's `jpeglm checkpoint convert` before the next start on 2 processes: nothing to do now.
+    from jpeglm.cli import main
+
+    assert main(["checkpoint", "convert", run_dir, "--world-size", "2"]) == 0
+
+
+def test_collective_timeout_is_long_in_start_up_short_in_training(tmp_path):
+    """trainer.distributed: the group starts under distributed.startup_timeout_s (a rank 4 s late is fine under
+    60 s), then set_collective_timeout(2) makes a collective that waits 6 s for a peer fail on gloo."""
+    script = tmp_path / "pg.py"
+    script.write_text("""
+import sys, time
+import torch, torch.distributed as dist
+from trainer.distributed import init_deepspeed, set_collective_timeout
+init_deepspeed("cpu", timeout_s=60)
+rank = dist.get_rank()
+if rank == 0:
+    time.sleep(4)
+t = torch.ones(1)
+dist.all_reduce(t)
+print(f"rank {rank}: start-up all_reduce {t.item():g}", flush=True)
+set_collective_timeout(2)
+if rank == 0:
+    time.sleep(6)
+    sys.exit(0)
+try:
+    dist.all_reduce(t)
+    print("rank 1: no timeout", flush=True)
+except Exception as e:
+    print(f"rank 1: {type(e).__name__}: {e}", flush=True)
+""")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert "rank 0: start-up all_reduce 2" in outs[0] and "rank 1: start-up all_reduce 2" in outs[1], outs
+    assert "rank 1: RuntimeError" in outs[1] and "Timed out" in outs[1] and "2000ms" in outs[1], outs[1][-2000:]
+
+
+def test_rerunning_a_finished_run_changes_nothing_and_shows_its_summary(reference, uneven):
+    files = ("summary.json", "metrics.jsonl", "attempts.jsonl", "loss.png")
+    before = {name: open(os.path.join(reference, name), "rb").read() for name in files}
+    out = run_to_end(torchrun(2, uneven, reference, *RESUME, "checkpoint.keep_last=10",
+                              launcher="trainer.launch")).stdout
+    assert out.count("is already finished: step 30 of train.max_steps=30") == 1, out[-3000:]
+    assert json.loads(out[out.index("{"):]) == json.loads(before["summary.json"])
+    assert {name: open(os.path.join(reference, name), "rb").read() for name in files} == before
 
 
 def test_checkpoints_are_kept_complete_and_pruned(killed):
@@ -282,6 +375,7 @@ def test_checkpoints_are_kept_complete_and_pruned(killed):
     assert not [n for n in os.listdir(root) if n.startswith("global_step") and n not in tags]
     state = ckpt.read_state(root, "global_step30")
     assert state["loader"]["consumed"] == 240 and state["world_size"] == 2
+    assert state["codec"] == Manifest.load(state["data"]["uri"]).raw["codec"]  # image size + quality, for export
     assert os.path.isfile(os.path.join(root, "global_step30", ckpt.TOKENIZER_FILE))
 
 

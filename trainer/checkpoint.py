@@ -6,7 +6,7 @@
       global_step200/jpeglm.json  written by rank 0 after every rank finished saving: marks the checkpoint complete
                                   and holds what resuming and export need (config, data fingerprints, world size)
       global_step200/tokenizer.model  the run's tokenizer, so a checkpoint folder exports on its own
-      global_step200_universal/   ds_to_universal conversion, made on demand to resume on another world size
+      global_step200_universal/   ds_to_universal conversion, made to resume on another world size (convert.py)
       latest                      the tag of the newest complete checkpoint (same format as DeepSpeed's own)
 
 Atomicity: a checkpoint counts only once jpeglm.json exists, and it is written (atomically, temp + rename) after
@@ -22,8 +22,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 from jpeglm.errors import UserError
 from pipeline import storage
@@ -34,7 +32,9 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "jpeglm.json"
 TOKENIZER_FILE = "tokenizer.model"
-UNIVERSAL_SUFFIX = "_universal"
+UNIVERSAL_SUFFIX = "_universal"  # global_stepN_universal/: trainer/convert.py
+CHECKPOINT_FORMAT = "jpeglm-train-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -146,47 +146,16 @@ def prune(root: str, keep_last: int) -> list[str]:
     newest = step_of(tags[-1]) if tags else -1
     removed = []
     for name in os.listdir(root):
-        base = name[: -len(UNIVERSAL_SUFFIX)] if name.endswith(UNIVERSAL_SUFFIX) else name
+        # global_stepN_universal and its .lock / .failed / .tmp-* companions (trainer/convert.py) go with global_stepN
+        base = name.split(UNIVERSAL_SUFFIX)[0]
         step = step_of(base)
         if step is None or base in keep:
             continue
         if base in tags or step < newest:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            path = os.path.join(root, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
             removed.append(name)
     return sorted(removed)
-
-
-def universal_tag(root: str, tag: str) -> str:
-    """Convert a checkpoint to DeepSpeed's universal format (once; atomic rename) for loading on another world
-    size. Run on rank 0 only, then barrier."""
-    out = tag + UNIVERSAL_SUFFIX
-    final = os.path.join(root, out)
-    if os.path.isdir(final):
-        return out
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", os.path.join(root, tag),
-           "--output_folder", tmp, "--num_extract_workers", "2", "--num_merge_workers", "1"]
-    log.info("converting %s to a universal checkpoint for another world size: %s", tag, " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CheckpointError(f"ds_to_universal failed on {tag} (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    os.replace(tmp, final)
-    # ds_to_universal points a `latest_universal` file at the temporary name; we always pass tags explicitly.
-    stale = os.path.join(root, "latest_universal")
-    if os.path.exists(stale):
-        os.unlink(stale)
-    return out
-
-
-def fix_universal_load(optimizer, weight_decays: list[float]) -> None:
-    """Work around two silent bugs of DeepSpeed 0.19.8's ZeRO-3 universal load (stack notes): every param group
-    gets group 0's weight_decay, and all optimizer states share one `step` tensor (torch Adam increments it once
-    per group, so bias correction goes wrong)."""
-    groups = optimizer.param_groups
-    for group, wd in zip(groups, weight_decays):
-        group["weight_decay"] = wd
-    inner = getattr(optimizer, "optimizer", optimizer)
-    for state in inner.state.values():
-        if "step" in state and hasattr(state["step"], "clone"):
-            state["step"] = state["step"].clone()

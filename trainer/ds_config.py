@@ -11,6 +11,7 @@ default in DEFAULTS below, and an unknown section or key is an error (a typo mus
     eval        every_steps, max_samples
     log         every_steps, tensorboard, peak_tflops
     data        shuffle_block_shards, prefetch_micro_batches, read_threads
+    distributed startup_timeout_s, collective_timeout_s
 
 Overrides use dotted keys, values parsed as YAML: `optimizer.lr=1e-3 model.n_layers=2 train.device=cpu`.
 """
@@ -93,6 +94,14 @@ DEFAULTS: dict[str, dict] = {
         # micro-batches of this process read ahead of training (host memory: this x micro x the row's bytes)
         "prefetch_micro_batches": 8,
         "read_threads": 4,  # reads in flight per process (ranged reads of rows, row indexes)
+    },
+    "distributed": {
+        # Process-group creation, checkpoint loading, the initial weights and waiting for rank 0's universal
+        # conversion (which runs before the group exists) may take long: a 7B state converts in tens of minutes.
+        "startup_timeout_s": 7200.0,
+        # Every collective once training runs (steps, saves, validation): a rank that stops answering for this
+        # long fails the job (NCCL's default is 600 s; a 7B save to a shared filesystem can take minutes).
+        "collective_timeout_s": 1800.0,
     },
 }
 
@@ -198,7 +207,8 @@ def validate(cfg: dict) -> None:
     t = cfg["train"]
     positive = [("train", "seq_len"), ("train", "micro_batch_size"), ("train", "global_batch_size"),
                 ("optimizer", "lr"), ("data", "shuffle_block_shards"), ("data", "prefetch_micro_batches"),
-                ("data", "read_threads"), ("checkpoint", "keep_last"), ("model", "n_layers")]
+                ("data", "read_threads"), ("checkpoint", "keep_last"), ("model", "n_layers"),
+                ("distributed", "startup_timeout_s"), ("distributed", "collective_timeout_s")]
     for section, key in positive:
         if cfg[section][key] is None or cfg[section][key] <= 0:
             raise ConfigError(f"{section}.{key} must be positive, got {cfg[section][key]!r}")

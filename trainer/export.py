@@ -13,6 +13,8 @@ checkpoint saved on any number of processes; it needs the model's fp32 size in R
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -22,13 +24,17 @@ from trainer import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
+# The image size and JPEG quality of checkpoints saved before the codec was recorded in them (the paper's).
+DEFAULT_CODEC = {"size": 256, "quality": 25}
+
 
 def consolidate(checkpoint_dir: str):
     """(state_dict of fp32 CPU tensors named as in trainer/model.py, ModelConfig, tokenizer path or None, meta).
 
     checkpoint_dir: a training run dir (its latest checkpoint), its checkpoints/ folder, or one global_stepN folder.
     meta: {"checkpoint", "step", "tokenizer" (fingerprint, vocab_size, bos_id, eos_id, ...), "config" (the run's
-    full config), "data"}. Raises trainer.checkpoint.CheckpointError if there is no complete checkpoint there."""
+    full config), "data", "codec" (the training images' size and quality; checkpoints from before it was recorded:
+    DEFAULT_CODEC)}. Raises trainer.checkpoint.CheckpointError if there is no complete checkpoint there."""
     import torch
 
     from trainer.model import ModelConfig, Transformer
@@ -42,7 +48,14 @@ def consolidate(checkpoint_dir: str):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     t0 = time.perf_counter()
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(root, tag)
+    # zero_to_fp32 prints a line per stage and draws progress bars: keep them unless it fails.
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            state_dict = get_fp32_state_dict_from_zero_checkpoint(root, tag)
+    except BaseException:
+        sys.stderr.write(out.getvalue() + err.getvalue())
+        raise
     cfg = ModelConfig.from_dict(state["model"])
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
@@ -59,7 +72,7 @@ def consolidate(checkpoint_dir: str):
     log.info("consolidated %s (step %d, %d tensors) in %.1f s", os.path.join(root, tag), state["step"],
              len(state_dict), time.perf_counter() - t0)
     meta = {"checkpoint": os.path.join(root, tag), "step": state["step"], "tokenizer": state["tokenizer"],
-            "config": state["config"], "data": state["data"]}
+            "config": state["config"], "data": state["data"], "codec": state.get("codec") or dict(DEFAULT_CODEC)}
     return state_dict, cfg, tokenizer_path, meta
 
 
@@ -67,7 +80,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="training run dir (exports its latest checkpoint), its checkpoints/ folder, or a "
                              "checkpoints/global_stepN folder")
-    parser.add_argument("--out", required=True, help="output folder (created; existing files are overwritten)")
+    parser.add_argument("--out", required=True, help="output folder, local (created; existing files are overwritten)")
     parser.add_argument("--format", choices=("native", "hf"), default="native",
                         help="native: model.safetensors + config.json + tokenizer.model for trainer/pretrained.py "
                              "(default); hf: a Hugging Face Llama folder (transformers / vLLM)")
@@ -76,15 +89,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.run_dir import check_output_folder
+
+    out_dir = check_output_folder(args.out, "--out", local_only=True)  # before loading anything
+
     import torch
 
     from trainer.pretrained import save_pretrained
 
-    try:
-        state_dict, cfg, tokenizer_path, meta = consolidate(args.checkpoint)
-    except ckpt.CheckpointError as e:
-        print(f"jpeglm export: error: {e}", file=sys.stderr)
-        return 2
+    state_dict, cfg, tokenizer_path, meta = consolidate(args.checkpoint)
     if tokenizer_path is None:
         print(f"jpeglm export: warning: {meta['checkpoint']} has no {ckpt.TOKENIZER_FILE}; exporting weights and "
               "config only", file=sys.stderr)
@@ -92,12 +105,12 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "hf":
         from trainer.hf import save_hf
 
-        save_hf(state_dict, cfg, args.out, tokenizer_path, dtype=dtype, tokenizer_meta=meta["tokenizer"])
+        save_hf(state_dict, cfg, out_dir, tokenizer_path, dtype=dtype, tokenizer_meta=meta["tokenizer"])
     else:
-        save_pretrained({k: v.to(dtype) for k, v in state_dict.items()}, cfg, args.out, tokenizer_path=tokenizer_path,
-                        tokenizer_meta=meta["tokenizer"],
+        save_pretrained({k: v.to(dtype) for k, v in state_dict.items()}, cfg, out_dir, tokenizer_path=tokenizer_path,
+                        tokenizer_meta=meta["tokenizer"], codec=meta["codec"],
                         source={"checkpoint": meta["checkpoint"], "step": meta["step"], "data": meta["data"]["uri"]})
     n = sum(v.numel() for v in state_dict.values())
     print(f"exported {meta['checkpoint']} (step {meta['step']}, {n / 1e6:,.2f}M parameters, {args.dtype}) "
-          f"to {args.out} ({args.format} format)")
+          f"to {out_dir} ({args.format} format)")
     return 0

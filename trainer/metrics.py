@@ -42,6 +42,21 @@ def peak_tflops(device_name: str | None, override: float | None = None) -> float
     return None
 
 
+def mfu_note(peak: float | None, device_name: str | None, override: float | None) -> str:
+    """One line said at the start of a run: the peak MFU is quoted against, or how to get MFU at all."""
+    if peak:
+        source = "log.peak_tflops" if override else device_name
+        return f"MFU: against a dense peak of {peak:g} TFLOP/s per device ({source})"
+    why = f"{device_name} is not in trainer.metrics.PEAK_TFLOPS" if device_name else "no peak is known for a CPU"
+    return (f"MFU: not reported ({why}); set log.peak_tflops=N, the device's dense bf16 TFLOP/s (e.g. 989 for an "
+            "H100 SXM), to get it")
+
+
+def without_unknown(perf: dict) -> dict:
+    """Throughput figures without "mfu": None: records carry MFU only when a peak is known (mfu_note says how)."""
+    return {k: v for k, v in perf.items() if v is not None}
+
+
 def bits_per_byte(loss_sum_nats: float, num_bytes: float) -> float:
     return loss_sum_nats / math.log(2) / num_bytes if num_bytes else float("nan")
 

@@ -30,6 +30,7 @@ def save_pretrained(
     tokenizer_path: str | None = None,
     tokenizer_meta: dict | None = None,
     source: dict | None = None,
+    codec: dict | None = None,
 ) -> None:
     from safetensors.torch import save_file
 
@@ -43,6 +44,8 @@ def save_pretrained(
         "tokenizer": tokenizer_meta or {},
         "source": source or {},
     }
+    if codec:
+        meta["codec"] = dict(codec)  # the training images' size and quality (evaluation and sampling read it)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     if tokenizer_path:

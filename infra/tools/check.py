@@ -494,7 +494,7 @@ def sbatch_commands(path: Path, values: dict[str, str]) -> list[tuple[int, list[
 
 
 # Values of the variables the scripts compute at run time, for the flag check only.
-SLURM_RUNTIME_EXAMPLES = {"ray_address": "10.0.0.1:6379"}
+SLURM_RUNTIME_EXAMPLES = {"ray_address": "10.0.0.1:6379", "world_size": "32"}
 
 
 def check_slurm(job: str, params: dict[str, str]) -> tuple[list[str], list[str]]:

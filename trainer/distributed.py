@@ -1,0 +1,90 @@
+"""The process group of a training run: device, launcher environment, DeepSpeed's init_distributed.
+
+Launchers (torchrun, the DeepSpeed launcher, Slurm/Kubernetes through torchrun) set RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT; without them the run is a one-process world. NCCL on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+
+from trainer.ds_config import ConfigError
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available (torch.cuda.is_available() is False)")
+    return requested
+
+
+def single_process_env() -> None:
+    """Without a launcher, run as a one-process world (DeepSpeed would otherwise try MPI discovery)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def launch_rank_world() -> tuple[int, int]:
+    """(rank, world size) as the launcher set them, known before any process group exists."""
+    single_process_env()
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def skip_shm_comm_op() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (~35 s) at init_distributed. Only
+    inference tensor parallelism uses it (inference_all_reduce); training collectives go through gloo. Marking it
+    incompatible makes build_shm_op() return None, so init takes ~0.1 s."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def init_deepspeed(device: str, timeout_s: float | None = None) -> None:
+    """Initialize torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPUs (with or without a launcher).
+    timeout_s: the group's timeout until set_collective_timeout (None: DeepSpeed's default, 10 minutes)."""
+    from datetime import timedelta
+
+    single_process_env()
+    os.environ["DS_ACCELERATOR"] = device  # before deepspeed is imported: picks its accelerator
+    if device == "cpu":
+        skip_shm_comm_op()
+    import deepspeed
+
+    # DeepSpeed logs through its own stdout handler and format: route its warnings through ours (jpeglm.logs).
+    ds_log = logging.getLogger("DeepSpeed")
+    ds_log.handlers.clear()
+    ds_log.propagate = True
+    ds_log.setLevel(logging.WARNING)
+    # DeepSpeed 0.19 calls torch.distributed's deprecated *_tensor collectives: one warning per call.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
+    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", **kwargs)
+
+
+def set_collective_timeout(timeout_s: float) -> list:
+    """Set the timeout of every process group that exists (the default one and DeepSpeed's) for the collectives
+    that follow: the start-up phase runs under a long timeout, training under this one. Returns the groups set."""
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d as c10d
+
+    if not hasattr(c10d, "_set_pg_timeout"):  # torch < 2.3: the start-up timeout stays in force
+        logging.getLogger(__name__).warning("this torch cannot change a process group's timeout; collectives keep "
+                                            "distributed.startup_timeout_s")
+        return []
+    groups = list(c10d._world.pg_map)
+    for group in groups:
+        c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)  # NCCL and gloo
+    return groups
