@@ -210,7 +210,10 @@ def run(args: argparse.Namespace) -> int:
     from jpeglm.logs import setup_logging
     from trainer import checkpoint as ckpt
 
+    from trainer.run_dir import check_output_folder
+
     setup_logging()
+    check_output_folder(args.run, "RUN")  # the conversion is written beside the checkpoint
     if args.world_size is not None and args.world_size < 1:
         raise CheckpointError(f"--world-size must be >= 1, got {args.world_size}")
     if args.world_size is not None and ckpt.step_of(os.path.basename(args.run.rstrip("/"))) is None and not any(
