@@ -390,6 +390,24 @@ def _walk_s3(path: str) -> Iterator[str]:
         request["ContinuationToken"] = page["NextContinuationToken"]
 
 
+def folder_problem(path: PathLike) -> str | None:
+    """Why a local path cannot be a folder this process creates or writes into (it is a file, lies under a file, or
+    its nearest existing parent is read-only), in words that follow the path; None when it can. URIs: None (an S3
+    prefix is not probed: least-privilege roles may write a prefix without being allowed to HEAD the bucket)."""
+    path = _fspath(path)
+    if is_remote(path):
+        return None
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return "is a file, not a folder" if existing == path else f"is inside {existing}, which is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: {existing} is not writable by this user"
+    return None
+
+
 @contextlib.contextmanager
 def local_folder(uri: PathLike) -> Iterator[str]:
     """A local folder with the files directly under `uri`: the folder itself, or a temporary copy of an

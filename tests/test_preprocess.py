@@ -84,8 +84,8 @@ def test_unusable_outputs_are_refused_at_once(tmp_path, capsys, sample_image_dir
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     args = ["--input", str(sample_image_dir), "--output"]
-    assert "is a file, so no folder can be made under it" in _refused(capsys, args + [str(a_file / "sub" / "out")])
-    assert "is a file; choose a folder" in _refused(capsys, args + [str(a_file)])
+    assert f"is inside {a_file}, which is a file" in _refused(capsys, args + [str(a_file / "sub" / "out")])
+    assert "is a file, not a folder" in _refused(capsys, args + [str(a_file)])
     assert a_file.read_text() == "x"
 
 

@@ -26,12 +26,18 @@ def check_output_folder(path: str | os.PathLike, flag: str, local_only: bool = F
     """The absolute path of a folder a command will create or write into, or ConfigError (one line, before anything
     heavy is loaded) when it cannot be one: it or a parent is a file, or the nearest existing parent is read-only.
     s3:// URIs pass unchecked unless local_only."""
+    from pipeline import storage
+
     path = os.fspath(path)
     if "://" in path:
         if local_only:
             raise ConfigError(f"{flag} {path}: must be a filesystem path every process can reach, not a URI "
                               "(checkpoints are written there)")
         return path
+    problem = storage.folder_problem(path)
+    if problem:
+        raise ConfigError(f"{flag} {os.path.abspath(path)} {problem}: choose another {flag}")
+    return os.path.abspath(path)
     path = os.path.abspath(path)
     existing = path
     while not os.path.exists(existing):

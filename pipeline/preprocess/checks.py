@@ -42,21 +42,10 @@ def check_inputs_hold_images(inputs: list[str], image_column: str | None) -> Non
 
 
 def check_output_usable(output: str) -> None:
-    """A local OUTPUT can be a folder we write in: not a file, not under a file, writable. (An S3 OUTPUT is not
-    probed: least-privilege roles, such as infra/terraform's, may list and write a prefix but not HEAD the bucket.)"""
-    if storage.is_remote(output):
-        return
-    path = os.path.abspath(output)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise PreprocessError(f"--output {output} is a file; choose a folder (new, empty, or a previous output)")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise PreprocessError(f"--output {output}: {parent} is a file, so no folder can be made under it; choose "
-                              "another --output")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PreprocessError(f"--output {output}: no permission to write in {parent}; choose another --output")
+    """A local OUTPUT must be a folder we can create or write in (storage.folder_problem)."""
+    problem = storage.folder_problem(output)
+    if problem:
+        raise PreprocessError(f"--output {output} {problem}: choose another --output")
 
 
 def check_cluster_sees(inputs: list[str], output: str) -> None:
