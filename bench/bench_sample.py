@@ -5,7 +5,7 @@
 
 Models are the presets' architectures (trainer/configs/*.yaml) with random weights: speed does not depend on the
 weights, and random weights never stop early, so every run decodes exactly the tokens asked for. The sampler is
-trainer.sample.generate with the authors' settings (temperature 1, top-k 50, top-p 0.9), so the figures include
+trainer.generate.generate with the authors' settings (temperature 1, top-k 50, top-p 0.9), so the figures include
 sampling and the per-step stop checks.
 
 On CPU every figure comes twice: per wall-clock second, and per second of the process's CPU time (one thread, so
@@ -87,7 +87,7 @@ def decode_rate(model, batch: int, context: int, new_tokens: int, use_cache: boo
 def chunk_rates(model, batch: int, context: int, chunk: int, chunks: int, use_cache: bool, seed: int) -> list[Rate]:
     """Decode chunks x chunk tokens after one prefill of a random `context`-token prompt; tokens/s of each chunk
     (repeats without paying the prefill again). Step times come from generate()'s per-step callback."""
-    from trainer.sample import GenerationStats, SamplingParams, generate
+    from trainer.generate import GenerationStats, SamplingParams, generate
 
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)

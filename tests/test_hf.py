@@ -177,7 +177,7 @@ def test_exported_tokenizer_and_generation_match_transformers(tmp_path):
     transformers' greedy generate() from BOS gives our sampler's tokens."""
     from pipeline.sample_images import derive
     from pipeline.tokenizer import Tokenizer, bytes_to_text, text_to_bytes
-    from trainer.sample import SamplingParams, generate
+    from trainer.generate import SamplingParams, generate
 
     files = [data for _, data in derive(8)]
     tok = Tokenizer.train(files[:6], 320)
