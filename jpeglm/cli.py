@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trainer.train", "train the Llama decoder with DeepSpeed ZeRO-3 on preprocessed shards"),
     "export": ("trainer.export", "consolidate a checkpoint into safetensors (native or Hugging Face Llama format)"),
     "sample": ("trainer.sample", "generate or complete images with a trained checkpoint"),
+    "eval": ("evaluation.cli", "FID/KID of completions and samples, decode validity, bits per byte"),
 }
 
 

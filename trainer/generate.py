@@ -124,11 +124,13 @@ def generate(
     on_step=None,
     suppress_ids: list[int] | None = None,
     sync_tokens=None,
+    max_len: int | None = None,
 ) -> list[Generation]:
     """Autoregressive decoding of a batch of prompts (each starts with BOS; see the module docstring).
 
     suppress_ids: tokens never to generate (e.g. <unk>, which stands for no byte).
     use_cache=False recomputes the whole sequence at every step (the reference, and the benchmark's baseline).
+    max_len: at most this many tokens per row, prompt included (the model's max_seq_len always applies).
     on_step(n_active) is called after every decoding step (progress bars).
     sync_tokens(ids) -> ids is applied to each step's sampled ids: in a distributed job, broadcast them from rank 0
     so that every rank decodes the same tokens and runs the same forward passes (ZeRO-3 gathers in each).
@@ -138,7 +140,7 @@ def generate(
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    max_seq_len = model.cfg.max_seq_len
+    max_seq_len = min(model.cfg.max_seq_len, max_len or model.cfg.max_seq_len)
     lengths = [len(p) for p in prompts]
     if max(lengths) >= max_seq_len:
         raise ValueError(f"prompt of {max(lengths)} tokens leaves no room under max_seq_len={max_seq_len}")
