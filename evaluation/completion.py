@@ -172,7 +172,7 @@ class Context:
     loaded: object  # trainer.sample.LoadedModel
     net: object  # the Inception network
     real: list  # evaluation.images.ValidationImage
-    real_features: np.ndarray
+    real_features: np.ndarray | None  # computed once the inputs have passed every check
     max_len: int
     untrained: object | None
 
@@ -184,10 +184,13 @@ def run(args: argparse.Namespace) -> int:
     result = _load_result(args, ctx)
     t0 = time.perf_counter()
     if args.eval_command == "completion":
+        prompts = {ratio: _completion_prompts(ctx, ratio) for ratio in ratios}  # refuse before any work
+        ctx.real_features = _real_features(args, ctx.net, ctx.real)
         section = result.setdefault("completion", {})
         for ratio in ratios:
-            section[f"{ratio:g}"] = _completion(ctx, ratio)
+            section[f"{ratio:g}"] = _completion(ctx, ratio, *prompts[ratio])
     else:
+        ctx.real_features = _real_features(args, ctx.net, ctx.real)
         result["unconditional"] = _unconditional(ctx)
     if args.bpb_tokens and (result.get("bits_per_byte") or {}).get("max_tokens") != args.bpb_tokens:
         from evaluation.bpb import validation_bits_per_byte
@@ -241,7 +244,6 @@ def _setup(args, ratios: list[float]) -> Context:
     longest = max(len(v.tokens) for v in real) + 2
     max_len = min(args.max_tokens or 2 * longest, loaded.model.cfg.max_seq_len)
     net = load_inception(args.inception, str(device))
-    features = _real_features(args, net, real)
     untrained = None
     if args.untrained:
         from trainer.model import Transformer
@@ -250,7 +252,7 @@ def _setup(args, ratios: list[float]) -> Context:
         untrained = Transformer(loaded.model.cfg).to(device=device, dtype=dtype).eval()
     log.info("%d validation images (%dx%d), up to %d tokens per sample", len(real), loaded.codec["size"],
              loaded.codec["size"], max_len)
-    return Context(args, loaded, net, real, features, max_len, untrained)
+    return Context(args, loaded, net, real, None, max_len, untrained)
 
 
 def _real_features(args, net, real) -> np.ndarray:
@@ -291,18 +293,28 @@ def _models(ctx: Context):
         yield "untrained", ctx.untrained
 
 
-def _completion(ctx: Context, ratio: float) -> dict:
-    from evaluation.grids import make_grid
+def _completion_prompts(ctx: Context, ratio: float) -> tuple[list[bytes], list[list[int]]]:
+    """(prompt bodies, prompt token ids with BOS) of the real images at `ratio`; refused if one does not fit."""
     from pipeline.repair import prompt_prefix
+    from trainer.sample import largest_fitting_ratio
+
+    tok = ctx.loaded.tokenizer
+    prefixes = [prompt_prefix(v.body, ratio) for v in ctx.real]
+    prompts = [[tok.bos_id] + tok.encode(p) for p in prefixes]
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if len(prompts[longest]) >= ctx.max_len:
+        fits = largest_fitting_ratio(ctx.real[longest].body, tok, ctx.max_len)
+        raise EvalError(f"at ratio {ratio:g} a prompt is {len(prompts[longest]):,} tokens, not below the limit of "
+                        f"{ctx.max_len:,} per image (--max-tokens / the model's context): "
+                        + (f"use ratios up to {fits:.4g}" if fits else "not even one MCU row fits"))
+    return prefixes, prompts
+
+
+def _completion(ctx: Context, ratio: float, prefixes: list[bytes], prompts: list[list[int]]) -> dict:
+    from evaluation.grids import make_grid
     from trainer.sample import render
 
     tok, codec = ctx.loaded.tokenizer, ctx.loaded.codec
-    prefixes = [prompt_prefix(v.body, ratio) for v in ctx.real]
-    prompts = [[tok.bos_id] + tok.encode(p) for p in prefixes]
-    too_long = [len(p) for p in prompts if len(p) >= ctx.max_len]
-    if too_long:
-        raise EvalError(f"at ratio {ratio:g} a prompt is {max(too_long):,} tokens, not below the limit of "
-                        f"{ctx.max_len:,} per image (--max-tokens / the model's context): use a smaller ratio")
     prompt_only = [render(p, codec)[0] for p in prefixes]
     result = {"prompt_only": _score(ctx, f"prompt-only {ratio:g}", prompt_only),
               "prompt_tokens": float(np.mean([len(p) for p in prompts]))}
