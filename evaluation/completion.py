@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -122,7 +122,7 @@ class Sampled:
 
 
 def sample_prompts(model, tok, codec: dict, prompts: list[list[int]], max_len: int, args, desc: str,
-                   seed_offset: int = 0) -> list[Sampled]:
+                   timing: dict | None = None) -> list[Sampled]:
     """One sample per prompt, batched in order of prompt length; results in the prompts' order."""
     import torch
     from tqdm import tqdm
@@ -133,7 +133,8 @@ def sample_prompts(model, tok, codec: dict, prompts: list[list[int]], max_len: i
 
     device = next(model.parameters()).device
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
-    generator = torch.Generator(device=device).manual_seed(args.seed + seed_offset)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    t0 = time.perf_counter()
     eoi = EOIDetector(tok.token_bytes())
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Sampled | None] = [None] * len(prompts)
@@ -149,6 +150,8 @@ def sample_prompts(model, tok, codec: dict, prompts: list[list[int]], max_len: i
                              ending_label(g.stop, report.complete, n))
         bar.update(len(idx))
     bar.close()
+    if timing is not None:
+        timing["sampling_s"] += time.perf_counter() - t0
     return out
 
 
@@ -175,32 +178,36 @@ class Context:
     real_features: np.ndarray | None  # computed once the inputs have passed every check
     max_len: int
     untrained: object | None
+    timing: dict = field(default_factory=lambda: {"sampling_s": 0.0, "features_s": 0.0, "bits_per_byte_s": 0.0})
 
 
 def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
     ratios = _ratios(args.ratios) if args.eval_command == "completion" else []
     _check_flags(args)
     ctx = _setup(args, ratios)
     result = _load_result(args, ctx)
-    t0 = time.perf_counter()
     if args.eval_command == "completion":
         prompts = {ratio: _completion_prompts(ctx, ratio) for ratio in ratios}  # refuse before any work
-        ctx.real_features = _real_features(args, ctx.net, ctx.real)
+        ctx.real_features = _real_features(ctx)
         section = result.setdefault("completion", {})
         for ratio in ratios:
             section[f"{ratio:g}"] = _completion(ctx, ratio, *prompts[ratio])
     else:
-        ctx.real_features = _real_features(args, ctx.net, ctx.real)
+        ctx.real_features = _real_features(ctx)
         result["unconditional"] = _unconditional(ctx)
     if args.bpb_tokens and (result.get("bits_per_byte") or {}).get("max_tokens") != args.bpb_tokens:
         from evaluation.bpb import validation_bits_per_byte
         from evaluation.images import read_manifest
 
         log.info("bits per byte on the validation split (up to %d tokens)", args.bpb_tokens)
+        t1 = time.perf_counter()
         bpb = validation_bits_per_byte(ctx.loaded.model, ctx.loaded.tokenizer, args.data, read_manifest(args.data),
                                        args.bpb_tokens, args.batch)
         result["bits_per_byte"] = bpb | {"max_tokens": args.bpb_tokens}
-    result.setdefault("wall_s", {})[args.eval_command] = round(time.perf_counter() - t0, 1)
+        ctx.timing["bits_per_byte_s"] += time.perf_counter() - t1
+    timing = {k: round(v, 1) for k, v in ctx.timing.items()} | {"wall_s": round(time.perf_counter() - t0, 1)}
+    result.setdefault("timing", {})[args.eval_command] = timing
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
@@ -255,9 +262,10 @@ def _setup(args, ratios: list[float]) -> Context:
     return Context(args, loaded, net, real, None, max_len, untrained)
 
 
-def _real_features(args, net, real) -> np.ndarray:
+def _real_features(ctx: Context) -> np.ndarray:
     from evaluation.fid import extract_features
 
+    args, real = ctx.args, ctx.real
     key = hashlib.sha256(json.dumps([args.data, [v.id for v in real]]).encode()).hexdigest()[:16]
     path = os.path.join(args.out, f"features-real-{key}.npy")
     if os.path.exists(path):
@@ -267,7 +275,9 @@ def _real_features(args, net, real) -> np.ndarray:
     from PIL import Image
 
     images = (Image.open(io.BytesIO(v.jpeg)).convert("RGB") for v in real)
-    features = extract_features(net, images, args.feature_batch, "real features", len(real))
+    t0 = time.perf_counter()
+    features = extract_features(ctx.net, images, args.feature_batch, "real features", len(real))
+    ctx.timing["features_s"] += time.perf_counter() - t0
     np.save(path, features)
     return features
 
@@ -275,7 +285,9 @@ def _real_features(args, net, real) -> np.ndarray:
 def _score(ctx: Context, name: str, images: list, samples: list[Sampled] | None = None) -> dict:
     from evaluation.fid import extract_features, fid_kid
 
+    t0 = time.perf_counter()
     features = extract_features(ctx.net, images, ctx.args.feature_batch, f"{name} features", len(images))
+    ctx.timing["features_s"] += time.perf_counter() - t0
     out = fid_kid(ctx.real_features, features)
     if samples is not None:
         out |= validity(samples)
@@ -320,7 +332,8 @@ def _completion(ctx: Context, ratio: float, prefixes: list[bytes], prompts: list
               "prompt_tokens": float(np.mean([len(p) for p in prompts]))}
     shown = {}
     for which, model in _models(ctx):
-        samples = sample_prompts(model, tok, codec, prompts, ctx.max_len, ctx.args, f"completion {ratio:g} ({which})")
+        samples = sample_prompts(model, tok, codec, prompts, ctx.max_len, ctx.args, f"completion {ratio:g} ({which})",
+                                 ctx.timing)
         result[which] = _score(ctx, f"completion {ratio:g} {which}", [s.image for s in samples], samples)
         shown[which] = samples[: ctx.args.grid]
     if ctx.args.grid:
@@ -341,7 +354,7 @@ def _unconditional(ctx: Context) -> dict:
     result = {}
     for which, model in _models(ctx):
         samples = sample_prompts(model, tok, ctx.loaded.codec, prompts, ctx.max_len, ctx.args,
-                                 f"unconditional ({which})")
+                                 f"unconditional ({which})", ctx.timing)
         result[which] = _score(ctx, f"unconditional {which}", [s.image for s in samples], samples)
         if which == "model" and ctx.args.grid:
             shown = samples[: ctx.args.grid]

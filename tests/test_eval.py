@@ -24,14 +24,6 @@ from trainer.model import ModelConfig, Transformer
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     from pipeline import codec
