@@ -78,7 +78,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from trainer.pretrained import save_pretrained
+    from trainer.pretrained import run_codec, save_pretrained
 
     try:
         state_dict, cfg, tokenizer_path, meta = consolidate(args.checkpoint)
@@ -92,10 +92,11 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "hf":
         from trainer.hf import save_hf
 
-        save_hf(state_dict, cfg, args.out, tokenizer_path, dtype=dtype, tokenizer_meta=meta["tokenizer"])
+        save_hf(state_dict, cfg, args.out, tokenizer_path, dtype=dtype, tokenizer_meta=meta["tokenizer"],
+                codec=run_codec(meta))
     else:
         save_pretrained({k: v.to(dtype) for k, v in state_dict.items()}, cfg, args.out, tokenizer_path=tokenizer_path,
-                        tokenizer_meta=meta["tokenizer"],
+                        tokenizer_meta=meta["tokenizer"], codec=run_codec(meta),
                         source={"checkpoint": meta["checkpoint"], "step": meta["step"], "data": meta["data"]["uri"]})
     n = sum(v.numel() for v in state_dict.values())
     print(f"exported {meta['checkpoint']} (step {meta['step']}, {n / 1e6:,.2f}M parameters, {args.dtype}) "
