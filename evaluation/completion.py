@@ -265,8 +265,11 @@ def _setup(args, ratios: list[float]) -> Context:
 def _real_features(ctx: Context) -> np.ndarray:
     from evaluation.fid import extract_features
 
+    from evaluation.images import read_manifest
+
     args, real = ctx.args, ctx.real
-    key = hashlib.sha256(json.dumps([args.data, [v.id for v in real]]).encode()).hexdigest()[:16]
+    shards = sorted(s["sha256"] for s in read_manifest(args.data)["shards"] if s["split"] == "validation")
+    key = hashlib.sha256(json.dumps([shards, [v.id for v in real]]).encode()).hexdigest()[:16]  # same images
     path = os.path.join(args.out, f"features-real-{key}.npy")
     if os.path.exists(path):
         return np.load(path)

@@ -531,3 +531,19 @@ def test_bench_sample_runs_with_small_shapes(tmp_path):
     assert tiny["kv_vs_recompute"]["new_tokens_from_bos"] == 8 and tiny["kv_vs_recompute"]["speedup"] > 0
     assert set(tiny["images_per_min"]) == {"1", "2"} and tiny["images_per_min"]["2"]["context"] == 32
     assert set(tiny["full_image_measured"]) == {"1", "2"}
+
+
+def test_thread_default_leaves_the_cores_other_processes_use(monkeypatch):
+    from trainer import sample
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert sample.default_threads() == cores  # a quiet machine: every usable core
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+    assert sample.default_threads() == 1  # busy: one thread, which cannot wait on a descheduled sibling
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores - 1.0, 0.0, 0.0))
+    assert sample.default_threads() == 1
+    from jpeglm.cli import build_parser
+
+    help_text = " ".join(build_parser("sample")._subparsers._group_actions[0].choices["sample"].format_help().split())
+    assert "usable cores minus the 1-minute load average" in help_text
