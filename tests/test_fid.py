@@ -134,3 +134,19 @@ def test_default_weights_path_is_the_make_target(monkeypatch):
     assert fid.default_inception_path() == os.path.join(root, ".cache", fid.INCEPTION_FILE)
     makefile = open(os.path.join(root, "Makefile")).read()
     assert f"INCEPTION := .cache/{fid.INCEPTION_FILE}" in makefile and "test: setup eval-weights" in makefile
+
+
+def test_bench_eval_feature_figures_with_small_shapes(tmp_path):
+    """bench/bench_eval.py's feature benchmark end to end on 4 images (the eval timing needs `make demo`)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_eval.py")
+    spec = importlib.util.spec_from_file_location("bench_eval", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "eval.json"
+    assert bench.main(["--out", str(out), "--images", "4", "--batch", "2", "--skip-eval"]) == 0
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and "eval_completion" not in result
+    for figures in result["features"].values():
+        assert figures["images"] == 4 and figures["images_per_s"] > 0 and figures["network_only_images_per_s"] > 0

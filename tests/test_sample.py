@@ -524,13 +524,18 @@ def test_bench_sample_runs_with_small_shapes(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "sample.json"
     assert bench.main(["--out", str(out), "--presets", "tiny", "--dtype", "bf16", "--batch", "2", "--new-tokens", "8",
-                       "--window", "4", "--repeat", "2", "--tokens-per-image", "64", "--full-image"]) == 0
+                       "--window", "4", "--repeat", "2", "--tokens-per-image", "64", "--full-image",
+                       "--threads-check"]) == 0
     result = json.loads(out.read_text())
     assert result["dtype"] == "bfloat16" and result["torch_threads"] == 1
     tiny = result["presets"]["tiny"]
     assert tiny["kv_vs_recompute"]["new_tokens_from_bos"] == 8 and tiny["kv_vs_recompute"]["speedup"] > 0
     assert set(tiny["images_per_min"]) == {"1", "2"} and tiny["images_per_min"]["2"]["context"] == 32
     assert set(tiny["full_image_measured"]) == {"1", "2"}
+    threads = result["threads"]
+    counts = {"1", str(threads["cores"])}
+    assert set(threads["as_is_tokens_per_s"]) == set(threads["one_busy_process_tokens_per_s"]) == counts
+    assert 1 <= threads["default_threads_now"] <= threads["cores"]
 
 
 def test_thread_default_leaves_the_cores_other_processes_use(monkeypatch):
