@@ -99,3 +99,15 @@ def write_image_dataset(root: str, images: dict[str, list[tuple[str, bytes]]], t
     }
     storage.write_bytes(storage.join(root, "manifest.json"), json.dumps(manifest, indent=2).encode())
     return root
+
+
+def load_bench(name: str):
+    """bench/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

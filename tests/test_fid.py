@@ -138,12 +138,9 @@ def test_default_weights_path_is_the_make_target(monkeypatch):
 
 def test_bench_eval_feature_figures_with_small_shapes(tmp_path):
     """bench/bench_eval.py's feature benchmark end to end on 4 images (the eval timing needs `make demo`)."""
-    import importlib.util
+    from helpers import load_bench
 
-    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_eval.py")
-    spec = importlib.util.spec_from_file_location("bench_eval", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_eval")
     out = tmp_path / "eval.json"
     assert bench.main(["--out", str(out), "--images", "4", "--batch", "2", "--skip-eval"]) == 0
     result = json.loads(out.read_text())

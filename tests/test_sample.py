@@ -516,12 +516,9 @@ def test_training_run_dir_as_checkpoint(overfit_checkpoint, tmp_path):
 
 def test_bench_sample_runs_with_small_shapes(tmp_path):
     """bench/bench_sample.py end to end on tiny shapes, in bf16 (the dtype of its GPU path)."""
-    import importlib.util
+    from helpers import load_bench
 
-    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_sample.py")
-    spec = importlib.util.spec_from_file_location("bench_sample", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_sample")
     out = tmp_path / "sample.json"
     assert bench.main(["--out", str(out), "--presets", "tiny", "--dtype", "bf16", "--batch", "2", "--new-tokens", "8",
                        "--window", "4", "--repeat", "2", "--tokens-per-image", "64", "--full-image",
