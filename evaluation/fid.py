@@ -21,7 +21,7 @@ centred features) when a set has fewer samples than the 2,048 dimensions, else s
 and well conditioned however singular the covariances are (with N < 2,048 they are: rank N - 1), where sqrtm-based
 code returns complex noise. FID is biased upward at small N: two samples of the same distribution give FID > 0,
 growing like 1/N; compare FIDs only at the same N against the same real set. KID (the unbiased squared MMD with
-the cubic polynomial kernel (x.y/2048 + 1)^3, mean and std over 100 random subsets of min(1000, N) images per
+the cubic polynomial kernel (x.y/2048 + 1)^3, mean and std over 100 random subsets of min(1000, N/2) images per
 set, seeded) has no such bias and is reported beside it.
 """
 
@@ -155,10 +155,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = KID_SUBSETS,
                               subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> tuple[float, float]:
-    """(mean, std) over subsets of the unbiased squared MMD with kernel (x.y/D + 1)^3 (as in torch-fidelity)."""
+    """(mean, std) over subsets of the unbiased squared MMD with kernel (x.y/D + 1)^3 (as in torch-fidelity; subsets
+    of min(subset_size, N/2) images, N the smaller set)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    m = min(subset_size, len(a), len(b))
-    if m < 2:
+    # Subsets of half the smaller set when it is small: subsets of all of it would all be the same (std 0).
+    m = min(subset_size, len(a), len(b), max(2, min(len(a), len(b)) // 2))
+    if min(len(a), len(b)) < 2:
         raise ValueError(f"KID needs at least 2 images per set, got {len(a)} and {len(b)}")
     rng = np.random.default_rng(seed)
     d = a.shape[1]

@@ -15,8 +15,9 @@ the MCU where it happened. Repair therefore keeps every byte that can still be d
 - in the entropy data, a marker a decoder would stop at (anything but RST, EOI and stuffed FF 00) is dropped and
   the data after it kept; restart markers are renumbered in sequence (the k-th closes MCU k whatever number the
   model gave it); markers beyond the frame's last MCU end the data; a dangling 0xFF is dropped;
-- EOI is appended, and the tables are spliced after SOI unless they are there already.
-Missing MCUs then decode as flat grey blocks. repair(repair(x)) == repair(x); repair(assemble(body)) ==
+- the MCUs a cut stream lacks are written as flat grey blocks (4 bytes each in the standard Huffman tables, each
+  followed by its restart marker), so they decode cleanly; EOI is appended, and the tables are spliced after SOI
+  unless they are there already. repair(repair(x)) == repair(x); repair(assemble(body)) ==
 assemble(body).
 
 Completeness. `complete` means nothing had to be fixed: SOI, a decodable header, every restart marker in order,
@@ -108,6 +109,8 @@ def repair_report(data: bytes, quality: int = QUALITY, size: int = SIZE) -> Repa
         mcus = total if found_eoi else 0  # no restart markers: nothing tells where the data stopped
     complete = (has_soi and not replaced and found_eoi and (expected is None or restarts == expected)
                 and not dropped and not renumbered and not overflow)
+    if not found_eoi and not overflow and interval == 1 and _standard_420(header):
+        scan += _flat_fill(scan, restarts, total)
     table_segments = tables(quality)[2:-2]
     if not head[2:].startswith(table_segments):  # already there when the input came from assemble() or repair()
         head = SOI + table_segments + head[2:]  # tables of the stream's own, if any, come later and take precedence
@@ -121,6 +124,36 @@ def _scan_start_after_bad_header(data: bytes, soi: int, header: Header, canonica
     sos = canonical[canonical.rindex(b"\xff\xda") :]
     i = data.find(sos, soi)
     return i + len(sos) if i >= 0 else header.scan_start
+
+
+# One MCU of 4:2:0 data in which every block is flat mid-grey, in the standard Huffman tables (JPEG Annex K, which
+# `tables()` holds): per luminance block DC difference 0 ('00') and end-of-block ('1010'), per chroma block '00'
+# and '00': 4 x 6 + 2 x 4 = 32 bits. With a restart after every MCU the DC predictor starts at 0, i.e. grey 128.
+_FLAT_MCU = bytes([0x28, 0xA2, 0x8A, 0x00])
+
+
+def _standard_420(h: Header) -> bool:
+    """A header like the canonical one: Y 2x2 + Cb, Cr 1x1 with the spliced standard Huffman tables."""
+    return ([c[:3] for c in h.components] == [(1, 2, 2), (2, 1, 1), (3, 1, 1)] and not h.dc_tables
+            and not h.ac_tables and [c[1:] for c in h.scan_components] == [(0, 0), (1, 1), (1, 1)])
+
+
+def _flat_fill(scan: bytes, restarts: int, total: int) -> bytes:
+    """Entropy data for the MCUs a cut stream lacks, each flat grey, so that they decode cleanly (a decoder would
+    otherwise read the missing bits as zeros: a checkered block, then nothing). A partial last MCU is closed by a
+    restart marker first (its missing blocks still decode as zeros)."""
+    out = bytearray()
+    ended_on_marker = not scan or _RST_RE.fullmatch(scan[-2:]) is not None
+    if not ended_on_marker:  # the partial MCU ends here
+        if restarts >= total - 1:
+            return b""  # it is the last one: EOI closes it
+        out += bytes([0xFF, 0xD0 + restarts % 8])
+        restarts += 1
+    for k in range(restarts, total):
+        out += _FLAT_MCU
+        if k < total - 1:
+            out += bytes([0xFF, 0xD0 + k % 8])
+    return bytes(out)
 
 
 def _clean_scan(data: bytes, start: int, expected: int | None) -> tuple[bytes, bool, int, int, int, bool]:

@@ -720,3 +720,19 @@ def test_image_size_64_prompts_and_repair():
     headless = body[len(codec.canonical_header(64)) :]
     im, complete = decode_tolerant(headless, size=64)
     assert im.size == (64, 64) and mean_diff(np.asarray(im), full) < 1
+
+
+def test_missing_mcus_decode_as_flat_grey(body):
+    # A cut stream: the MCUs it lacks are written as flat blocks, not left to the decoder (which reads the missing
+    # bits as zeros: one checkered MCU). The prompt's rows are intact, everything below is exactly grey 128.
+    prefix = prompt_prefix(body, 0.5)
+    got = np.asarray(decode_tolerant(prefix)[0], dtype=np.int16)
+    assert np.array_equal(got[:127], pixels(body)[:127])
+    assert (got[136:] == 128).all()  # below the first row after the cut (chroma upsampling reaches across)
+    scan_start = len(codec.canonical_header())
+    ends = [m.end() for m in re.finditer(rb"\xff[\xd0-\xd7]", body[scan_start:])]
+    for cut in (scan_start + ends[40] + 5, scan_start + ends[-1] + 3, len(body) - 3):  # mid-MCU, in the last MCU
+        fixed = repair(body[:cut])
+        _assert_well_formed(fixed)
+        report = repair_report(body[:cut])
+        assert not report.complete and report.mcus == len(restart_markers(segments(body[:cut] + EOI)[-1][1]))
