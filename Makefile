@@ -79,8 +79,8 @@ train: setup
 sample: setup
 	$(BIN)/jpeglm sample --checkpoint $(TRAIN_RUN) --out $(SAMPLE_OUT) --num 8 $(SAMPLE_ARGS)
 
-# The whole loop on CPU: the bundled photos at 64x64 (~420 tokens each), the demo preset (a 2,048-token context holds
-# ~5 whole images), then unconditional samples and completions at ratio 0.5 scored against the validation images.
+# The whole loop on CPU: the bundled photos at 64x64 (~420 tokens each), the demo preset (a 1,536-token context holds
+# ~3.6 whole images), then unconditional samples and completions at ratio 0.5 scored against the validation images.
 demo: setup eval-weights $(SAMPLE_DIR)/.done
 	@echo "demo: preprocess at 64x64 -> train trainer/configs/demo.yaml -> eval into $(DEMO_OUT)/ (~20 min on 2 cores)"
 	$(BIN)/jpeglm preprocess --input $(SAMPLE_DIR) --output $(DEMO_OUT)/data --image-size 64 --bpe-sample 1000 \

@@ -27,8 +27,8 @@ The tiny preset's max_seq_len (1,024) is raised to 12,288 for the measurement so
 
 --threads-check (issue: sampling collapsed under CPU contention): tokens/s of the tiny preset decoding from BOS
 (batch 1, KV cache) with 1 thread and with all cores, first as the machine is, then while one busy process of ours
-(a Python loop) runs beside it; and what `jpeglm sample`'s default (trainer.sample.default_threads: cores minus the
-1-minute load average) chooses on this machine. Each figure is the median of --repeat runs, alternated.
+(a Python loop) runs beside it; and what `jpeglm sample`'s default (trainer.sample.default_threads: cores minus
+the cores busy now) chooses on this machine, without and with that process. Each figure is the median of --repeat runs, alternated.
 """
 
 from __future__ import annotations
@@ -216,11 +216,12 @@ def threads_check(args) -> dict:
         return {str(n): round(median(r).wall, 1) for n, r in runs.items()}
 
     out = {"model": "tiny", "new_tokens_from_bos": args.new_tokens, "cores": cores,
-           "load_average": os.getloadavg()[0], "default_threads_now": default_threads()}
+           "load_average": os.getloadavg()[0], "default_threads_now": default_threads()}  # before our busy process
     out["as_is_tokens_per_s"] = rates()
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(1.0)
+        out["default_threads_with_busy_process"] = default_threads()
         out["one_busy_process_tokens_per_s"] = rates()
     finally:
         busy.kill()

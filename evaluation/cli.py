@@ -43,8 +43,8 @@ def add_inception_flags(parser: argparse.ArgumentParser) -> None:
                         help="images per Inception forward pass (default 16)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     parser.add_argument("--threads", type=int,
-                        help="torch CPU threads (default: the usable cores minus the 1-minute load average, at "
-                             "least 1)")
+                        help="torch CPU threads (default: the usable cores minus those other processes keep busy "
+                             "now, at least 1)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -536,16 +538,28 @@ def test_bench_sample_runs_with_small_shapes(tmp_path):
 
 
 def test_thread_default_leaves_the_cores_other_processes_use(monkeypatch):
+    import subprocess
+    import sys
+
     from trainer import sample
 
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    monkeypatch.setattr(sample, "busy_cores", lambda: 0.2)
     assert sample.default_threads() == cores  # a quiet machine: every usable core
-    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+    monkeypatch.setattr(sample, "busy_cores", lambda: cores + 3.0)
     assert sample.default_threads() == 1  # busy: one thread, which cannot wait on a descheduled sibling
-    monkeypatch.setattr(os, "getloadavg", lambda: (cores - 1.0, 0.0, 0.0))
+    monkeypatch.setattr(sample, "busy_cores", lambda: cores - 1.0)
     assert sample.default_threads() == 1
+    monkeypatch.undo()
+    # A real busy process is seen within the measurement interval (a load average would take a minute).
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert sample.busy_cores() >= 0.5
+    finally:
+        busy.kill()
+        busy.wait()
     from jpeglm.cli import build_parser
 
     help_text = " ".join(build_parser("sample")._subparsers._group_actions[0].choices["sample"].format_help().split())
-    assert "usable cores minus the 1-minute load average" in help_text
+    assert "usable cores minus those other processes keep busy now" in help_text

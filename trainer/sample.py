@@ -46,15 +46,31 @@ class SampleError(UserError):
 
 def default_threads() -> int:
     """torch CPU threads when --threads is not given: the cores this process may run on minus the cores other
-    processes keep busy (the 1-minute load average), at least 1. OpenMP threads wait for each other at the end of
-    every operation, so a thread that shares its core with a busy process stalls all of them: with one other busy
-    process on 2 cores, 2 threads decoded several times slower than 1 (bench/results/sample.json, "threads")."""
+    processes keep busy right now (busy_cores()), at least 1. OpenMP threads wait for each other at the end of every
+    operation, so a thread that shares its core with a busy process stalls all of them: with one other busy process
+    on 2 cores, 2 threads decoded 3.5x slower than 1 (bench/results/sample-threads.json)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, round(cores - busy_cores())))
+
+
+def busy_cores(interval: float = 0.25) -> float:
+    """How many cores other processes use now: the machine's non-idle CPU time over `interval` seconds (Linux
+    /proc/stat; we are idle meanwhile); elsewhere the 1-minute load average."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
     try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, round(cores - busy)))
+        t0, idle0 = sample()
+        time.sleep(interval)
+        t1, idle1 = sample()
+        return (1 - (idle1 - idle0) / max(1, t1 - t0)) * (os.cpu_count() or 1)
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
 
 
 def set_threads(threads: int | None) -> int:
@@ -119,7 +135,8 @@ def load_checkpoint(
             kind = "jpeglm"
             path = stack.enter_context(storage.local_folder(uri))
             model, meta = pretrained.load_pretrained(path, device=device, dtype=dtype)
-            tok_path, tok_meta, codec = os.path.join(path, "tokenizer.model"), meta.get("tokenizer") or {}, meta["codec"]
+            tok_path, tok_meta = os.path.join(path, "tokenizer.model"), meta.get("tokenizer") or {}
+            codec = meta["codec"]
         elif config is not None and hf.is_llama_config(config):
             kind = "huggingface"
             path = stack.enter_context(storage.local_folder(uri))
@@ -228,8 +245,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES),
                         help="weights/activations dtype (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--threads", type=int,
-                        help="torch CPU threads (default: the usable cores minus the 1-minute load average, at "
-                             "least 1: threads that share a core with a busy process stall each other)")
+                        help="torch CPU threads (default: the usable cores minus those other processes keep busy "
+                             "now, at least 1: threads that share a core with a busy process stall each other)")
 
 
 def check_out_dir(out: str, flag: str = "--out") -> None:
