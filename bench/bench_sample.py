@@ -5,7 +5,7 @@
 
 Models are the presets' architectures (trainer/configs/*.yaml) with random weights: speed does not depend on the
 weights, and random weights never stop early, so every run decodes exactly the tokens asked for. The sampler is
-trainer.sample.generate with the authors' settings (temperature 1, top-k 50, top-p 0.9), so the figures include
+trainer.generate.generate with the authors' settings (temperature 1, top-k 50, top-p 0.9), so the figures include
 sampling and the per-step stop checks.
 
 On CPU every figure comes twice: per wall-clock second, and per second of the process's CPU time (one thread, so
@@ -24,6 +24,11 @@ Measured per preset (each KV-cache figure the median of --repeat runs; on CPU on
   (vocab 320) fitted on them, plus BOS. With --full-image the tiny preset also generates whole images at batch 1 and
   B (tokens_per_image tokens each) to check the estimate against a direct measurement.
 The tiny preset's max_seq_len (1,024) is raised to 12,288 for the measurement so it can hold an image.
+
+--threads-check (issue: sampling collapsed under CPU contention): tokens/s of the tiny preset decoding from BOS
+(batch 1, KV cache) with 1 thread and with all cores, first as the machine is, then while one busy process of ours
+(a Python loop) runs beside it; and what `jpeglm sample`'s default (trainer.sample.default_threads: cores minus
+the cores busy now) chooses on this machine, without and with that process. Each figure is the median of --repeat runs, alternated.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def decode_rate(model, batch: int, context: int, new_tokens: int, use_cache: boo
 def chunk_rates(model, batch: int, context: int, chunk: int, chunks: int, use_cache: bool, seed: int) -> list[Rate]:
     """Decode chunks x chunk tokens after one prefill of a random `context`-token prompt; tokens/s of each chunk
     (repeats without paying the prefill again). Step times come from generate()'s per-step callback."""
-    from trainer.sample import GenerationStats, SamplingParams, generate
+    from trainer.generate import GenerationStats, SamplingParams, generate
 
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -189,6 +194,45 @@ def bench_preset(name: str, args, device, dtype, tokens_per_image: int) -> dict:
     return result
 
 
+def threads_check(args) -> dict:
+    """Decoding speed with 1 thread vs all cores, without and with one busy process beside it."""
+    import subprocess
+
+    from trainer.model import Transformer
+    from trainer.sample import default_threads
+
+    torch.manual_seed(0)
+    model = Transformer(preset_model_config("tiny")).eval()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    counts = sorted({1, cores})
+    before = torch.get_num_threads()
+
+    def rates() -> dict:
+        runs: dict[int, list[Rate]] = {n: [] for n in counts}
+        for i in range(args.repeat):
+            for n in counts:
+                torch.set_num_threads(n)
+                runs[n].append(decode_rate(model, 1, 1, args.new_tokens, True, i))
+        return {str(n): round(median(r).wall, 1) for n, r in runs.items()}
+
+    out = {"model": "tiny", "new_tokens_from_bos": args.new_tokens, "cores": cores,
+           "load_average": os.getloadavg()[0], "default_threads_now": default_threads()}  # before our busy process
+    out["as_is_tokens_per_s"] = rates()
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        out["default_threads_with_busy_process"] = default_threads()
+        out["one_busy_process_tokens_per_s"] = rates()
+    finally:
+        busy.kill()
+        busy.wait()
+    torch.set_num_threads(before)
+    for key in ("as_is_tokens_per_s", "one_busy_process_tokens_per_s"):
+        r = out[key]
+        print(f"threads: {key}: " + ", ".join(f"{n} thread(s) {v:,.0f} tok/s" for n, v in r.items()), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON file to write (e.g. bench/results/sample.json)")
@@ -206,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recompute-repeat", type=int, default=1, help="runs of the recompute baseline (default 1)")
     parser.add_argument("--tokens-per-image", type=int, help="override the measured mean tokens per image")
     parser.add_argument("--full-image", action="store_true", help="tiny only: also time whole-image generation")
+    parser.add_argument("--threads-check", action="store_true",
+                        help="also measure 1 thread vs all cores, with and without one busy process beside")
     parser.add_argument("--threads", type=int,
                         help="torch threads; default 1 on CPU (per-core figures: on a shared 2-core VM, 2-thread "
                              "OpenMP barriers stalled decoding up to 50x), torch's choice on cuda")
@@ -237,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         "presets": {},
     }
     t0 = time.perf_counter()
+    if args.threads_check and device.type == "cpu":
+        results["threads"] = threads_check(args)
     for name in [p.strip() for p in args.presets.split(",") if p.strip()]:
         results["presets"][name] = bench_preset(name, args, device, dtype, tpi["tokens_per_image"])
     results["wall_s"] = round(time.perf_counter() - t0, 1)

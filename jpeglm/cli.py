@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "checkpoint": ("trainer.convert", "prepare a run's checkpoint to resume on another number of processes (convert)"),
     "export": ("trainer.export", "consolidate a checkpoint into safetensors (native or Hugging Face Llama format)"),
     "sample": ("trainer.sample", "generate or complete images with a trained checkpoint"),
+    "eval": ("evaluation.cli", "FID/KID of completions and samples, decode validity, bits per byte"),
 }
 
 

@@ -1,15 +1,16 @@
 """The canonical JPEG codec of JPEG-LM: any image -> the bytes the model reads and writes.
 
-    body = canonicalize(data)            # 256x256, baseline q25 4:2:0, RST after every MCU, no tables
+    body = canonicalize(data, size=256)  # size x size, baseline q25 4:2:0, RST after every MCU, no tables
     jpeg = assemble(body)                # a standard JPEG file: the tables spliced back after SOI
-    jpeg = repair(model_output)          # always a well-formed JPEG file, whatever the model produced
-    image, complete = decode_tolerant(model_output)
+
+Model output (repair, tolerant decoding, completion prompts) is pipeline/repair.py.
 
 Canonical form (the paper's): EXIF orientation applied; every mode made RGB; the largest centered square crop;
 antialiased (Lanczos) resize to size x size; baseline JPEG at `quality`, 4:2:0, a restart marker after every MCU
-(255 RST markers at 256x256), written as an abbreviated stream without quantization/Huffman tables (those are the
-same for every image at a quality, see `tables`). Deterministic: the same input bytes give the same output bytes on
-a given build (pillow-simd's resize kernels are not guaranteed bit-identical across builds or SIMD levels).
+(255 RST markers at 256x256, 15 at 64x64), written as an abbreviated stream without quantization/Huffman tables
+(those are the same for every image at a quality, see `tables`). Deterministic: the same input bytes give the same
+output bytes on a given build (pillow-simd's resize kernels are not guaranteed bit-identical across builds or SIMD
+levels).
 
 Decisions on awkward inputs (documented here, tested in tests/test_codec.py):
 - Alpha (RGBA, LA, PA, P with transparency) is composited on white: transparent pixels become white, as a browser
@@ -60,15 +61,13 @@ from PIL import ExifTags, Image, UnidentifiedImageError, features
 
 SIZE = 256
 QUALITY = 25
-MCU_COUNT = 256  # 16x16-pixel MCUs (4:2:0) in a 256x256 image
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 REASONS = ("empty", "not_an_image", "truncated", "corrupt", "unsupported", "too_large", "too_small")
 
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
-RST7 = b"\xff\xd7"
-_RST_MARKERS = range(0xD0, 0xD8)
+RST_MARKERS = range(0xD0, 0xD8)
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # C4 = DHT, C8 = JPG, CC = DAC
 _DENIED_FORMATS = frozenset({"EPS"})  # opening runs Ghostscript
 _PLUGIN_FEATURE = {"WEBP": "webp", "AVIF": "avif", "JPEG2000": "jpg_2000"}  # format -> the library it needs
@@ -275,7 +274,7 @@ def _load_error(e: BaseException, data: bytes | None = None) -> CodecError:
     if any(s in text for s in ("cannot handle", "not supported", "unsupported", "not available")):
         return CodecError("unsupported", message)
     if data is not None and data.startswith(SOI):
-        header = _parse_header(data, 0)
+        header = parse_header(data, 0)
         if header.status == "truncated":
             return CodecError("truncated", message)
     return CodecError("corrupt", message)
@@ -312,7 +311,7 @@ def _unidentified(data: bytes) -> CodecError:
     if kind in ("HEIF", "EPS") or (kind in _PLUGIN_FEATURE and not features.check(_PLUGIN_FEATURE[kind])):
         return CodecError("unsupported", f"{kind} image, which this Pillow build cannot read")
     if kind == "JPEG":
-        header = _parse_header(data, 0)
+        header = parse_header(data, 0)
         if header.status == "truncated":
             return CodecError("truncated", f"JPEG ends inside its header ({len(data)} bytes)")
         if header.status == "ok" and header.sof is not None and (header.sof > 0xC2 or header.precision != 8):
@@ -355,9 +354,11 @@ def _gif_header_truncated(data: bytes) -> bool:
 # JPEG stream structure
 
 
-class _Header(NamedTuple):
+class Header(NamedTuple):
     status: str  # "ok": SOS reached; "truncated": the data ends first; "invalid": not a marker where one must be
-    scan_start: int  # "ok": the first entropy-coded byte; otherwise where the walk stopped (len(data) if truncated)
+    # "ok": the first entropy-coded byte. Otherwise where the walk stopped: a byte that is not a marker ("invalid"),
+    # or the payload of a segment that runs past the end of the data ("truncated"; len(data) if the data ends first).
+    scan_start: int
     sof: int | None  # SOFn marker byte
     precision: int
     width: int
@@ -373,7 +374,7 @@ class _Header(NamedTuple):
     ac_tables: frozenset[int]
 
 
-def _parse_header(data: bytes, start: int) -> _Header:
+def parse_header(data: bytes, start: int) -> Header:
     """Walk the marker segments from the SOI at `start` up to the end of the SOS segment."""
     n = len(data)
     i = start + 2
@@ -381,8 +382,8 @@ def _parse_header(data: bytes, start: int) -> _Header:
     restart_interval, markers, tables_ok = 0, set(), True
     quant, dc, ac = set(), set(), set()
 
-    def result(status: str, scan_start: int = -1, scan_components: tuple = (), spectral: tuple = ()) -> _Header:
-        return _Header(status, scan_start, sof, precision, width, height, components, scan_components, spectral,
+    def result(status: str, scan_start: int = -1, scan_components: tuple = (), spectral: tuple = ()) -> Header:
+        return Header(status, scan_start, sof, precision, width, height, components, scan_components, spectral,
                        restart_interval, frozenset(markers), tables_ok, frozenset(quant), frozenset(dc), frozenset(ac))
 
     while True:
@@ -396,7 +397,7 @@ def _parse_header(data: bytes, start: int) -> _Header:
             return result("truncated", n)
         marker = data[i]
         i += 1
-        if marker in _RST_MARKERS or marker in (0x00, 0x01, 0xD8, 0xD9):
+        if marker in RST_MARKERS or marker in (0x00, 0x01, 0xD8, 0xD9):
             return result("invalid", i)
         if i + 2 > n:
             return result("truncated", n)
@@ -404,7 +405,7 @@ def _parse_header(data: bytes, start: int) -> _Header:
         if length < 2:
             return result("invalid", i)
         if i + length > n:
-            return result("truncated", n)
+            return result("truncated", i + 2)
         seg = data[i + 2 : i + length]
         i += length
         markers.add(marker)
@@ -470,7 +471,7 @@ def _read_dht(seg: bytes, dc: set, ac: set) -> bool:
 _HEADER_MARKERS = frozenset(range(0xE0, 0xF0)) | {0xFE, 0xDB, 0xC4, 0xDD, 0xDA}  # APPn, COM, tables, DRI, SOS
 
 
-def _decodable_with_default_tables(h: _Header) -> bool:
+def decodable_with_default_tables(h: Header) -> bool:
     """A single-scan sequential Huffman header that libjpeg decodes once the tables of `tables()` (ids 0 and 1)
     are spliced in front: only segments libjpeg accepts there, one SOF0/SOF1, every referenced table defined."""
     if h.status != "ok" or h.sof not in (0xC0, 0xC1) or h.precision != 8 or not h.tables_ok:
@@ -493,40 +494,6 @@ def _decodable_with_default_tables(h: _Header) -> bool:
     return all(td in h.dc_tables | {0, 1} and ta in h.ac_tables | {0, 1} for _, td, ta in h.scan_components)
 
 
-def _expected_restarts(h: _Header) -> int | None:
-    if h.restart_interval == 0:
-        return None
-    hmax = max(c[1] for c in h.components)
-    vmax = max(c[2] for c in h.components)
-    if len(h.components) == 1:
-        hmax = vmax = 1  # a single-component scan is not interleaved: one MCU per 8x8 block
-    mcus = -(-h.width // (8 * hmax)) * -(-h.height // (8 * vmax))
-    return -(-mcus // h.restart_interval) - 1
-
-
-def _clean_scan(data: bytes, start: int) -> tuple[bytes, bool, int]:
-    """The entropy-coded data from `start`: up to EOI (found=True) or up to the first thing libjpeg could trip on
-    (a marker other than RST, a dangling 0xFF, the end of the data). Returns (data, found EOI, RST count)."""
-    n = len(data)
-    i = start
-    restarts = 0
-    while True:
-        j = data.find(b"\xff", i)
-        if j < 0:
-            return data[start:], False, restarts
-        k = j + 1
-        while k < n and data[k] == 0xFF:  # fill bytes
-            k += 1
-        if k >= n:
-            return data[start:j], False, restarts
-        b = data[k]
-        if b == 0x00 or b in _RST_MARKERS:
-            restarts += b != 0x00
-            i = k + 1
-            continue
-        return data[start:j], b == 0xD9, restarts
-
-
 @functools.cache
 def tables(quality: int = QUALITY) -> bytes:
     """The tables-only JPEG stream (SOI, DQT, DHT, EOI) shared by every body of this quality."""
@@ -536,10 +503,10 @@ def tables(quality: int = QUALITY) -> bytes:
 
 
 @functools.cache
-def _canonical_header(size: int = SIZE, quality: int = QUALITY) -> bytes:
-    """SOI .. end of SOS of every canonical body of this size and quality."""
+def canonical_header(size: int = SIZE, quality: int = QUALITY) -> bytes:
+    """SOI .. end of SOS of every canonical body of this size and quality (59 bytes)."""
     body = _encode_body(Image.new("RGB", (size, size)), quality)
-    return body[: _parse_header(body, 0).scan_start]
+    return body[: parse_header(body, 0).scan_start]
 
 
 def assemble(body: bytes, quality: int = QUALITY) -> bytes:
@@ -547,75 +514,3 @@ def assemble(body: bytes, quality: int = QUALITY) -> bytes:
     if not body.startswith(SOI):
         raise CodecError("corrupt", "a body must start with SOI (FF D8)")
     return SOI + tables(quality)[2:-2] + body[2:]
-
-
-def repair(generated: bytes, quality: int = QUALITY) -> bytes:
-    """Model output -> a well-formed JPEG file that any decoder opens.
-
-    Keeps the first SOI..EOI span (junk before SOI and after EOI is dropped); a header that is missing, cut or not
-    decodable with the standard tables is replaced by the canonical 256x256 header (the bytes after the point where
-    it stopped making sense are kept as entropy-coded data, so different garbage still gives different images, and
-    a body with only its SOI lost still decodes whole); the entropy-coded data is cut
-    before anything a decoder would stop at (a marker other than RST, a dangling 0xFF); EOI is appended and the
-    tables are spliced after SOI unless they are already there. Missing MCUs then decode as flat blocks.
-    Idempotent: repair(repair(x)) == repair(x), and repair(assemble(body)) == assemble(body).
-    """
-    return _repair(generated, quality)[0]
-
-
-def _repair(data: bytes, quality: int) -> tuple[bytes, bool]:
-    soi = data.find(SOI)
-    has_soi = soi >= 0
-    if not has_soi:
-        data, soi = SOI + data, 0  # SOI lost: the rest may still be a header
-    header = _parse_header(data, soi)
-    usable_header = header.status == "ok" and _decodable_with_default_tables(header)
-    if usable_header:
-        head = data[soi : header.scan_start]
-        scan_start = header.scan_start
-    else:
-        # Whatever follows the unusable header is taken as entropy-coded data: it decodes to what the model wrote.
-        head = _canonical_header(SIZE, quality)
-        scan_start = header.scan_start
-        header = _parse_header(head, 0)
-    scan, found_eoi, restarts = _clean_scan(data, scan_start)
-    expected = _expected_restarts(header)
-    complete = has_soi and usable_header and found_eoi and (expected is None or restarts == expected)
-    table_segments = tables(quality)[2:-2]
-    if not head[2:].startswith(table_segments):  # already there when the input came from assemble() or repair()
-        head = SOI + table_segments + head[2:]  # tables of the stream's own, if any, come later and take precedence
-    return head + scan + EOI, complete
-
-
-def decode_tolerant(jpeg: bytes, quality: int = QUALITY) -> tuple[Image.Image, bool]:
-    """Decode model output, a body, or a JPEG file to an RGB image, whatever state it is in.
-
-    Returns (image, complete): complete means the input held one whole stream: SOI, a decodable header, all the
-    entropy-coded data with the expected number of restart markers, and EOI. The input goes through `repair`
-    first, so truncated data decodes (missing MCUs become flat blocks) without ImageFile.LOAD_TRUNCATED_IMAGES.
-    """
-    fixed, complete = _repair(jpeg, quality)
-    try:
-        im = Image.open(io.BytesIO(fixed), formats=("JPEG",))
-        im.load()
-    except Exception as e:  # noqa: BLE001 - repair() should make this unreachable; never crash a sampler
-        raise CodecError("corrupt", f"repaired stream still undecodable: {type(e).__name__}: {e}") from None
-    return (im if im.mode == "RGB" else im.convert("RGB")), complete
-
-
-def prompt_prefix(body: bytes, ratio: float) -> bytes:
-    """The body cut right after its n-th FF D7 marker, n = int(32 * ratio): the top 8n pixel rows of a 256x256
-    image (every 8th MCU ends with RST7, i.e. every half MCU row), the prompt for image completion."""
-    n = int(32 * ratio)
-    if not 0 < ratio < 1 or n < 1:
-        raise ValueError(f"ratio must be in [1/32, 1), got {ratio}")
-    header = _parse_header(body, 0) if body.startswith(SOI) else None
-    if header is None or header.status != "ok":
-        raise ValueError("not a JPEG body: no SOI..SOS header")
-    i = header.scan_start
-    for _ in range(n):
-        i = body.find(RST7, i)
-        if i < 0:
-            raise ValueError(f"body has fewer than {n} FF D7 markers (ratio {ratio})")
-        i += 2
-    return body[:i]

@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
             jpeg, info = out.dump(args.dump)
             with open(path, "wb") as f:
                 f.write(jpeg)
-            print(f"\nwrote {path}: {info['id']} ({info['split']}, {info['tokens']} tokens, {info['jpeg_bytes']} body "
-                  f"bytes -> {len(jpeg)} JPEG bytes; rows {info['rows'][0]}..{info['rows'][-1]})")
+            print(f"\nwrote {path}: {info['id']} ({info['size']}x{info['size']} pixels, {info['split']}, "
+                  f"{info['tokens']} tokens, {info['jpeg_bytes']} body bytes -> {len(jpeg)} JPEG bytes; rows "
+                  f"{info['rows'][0]}..{info['rows'][-1]})")
     except InspectError as e:
         print(f"jpeglm inspect: error: {e}", file=sys.stderr)
         return 2
@@ -198,4 +199,4 @@ class Output:
         body = tok.decode(np.asarray(ids).tolist())
         jpeg = codec.assemble(body, self.manifest["codec"]["quality"])
         return jpeg, {"id": image_id, "split": rec["split"], "tokens": len(ids), "jpeg_bytes": len(body),
-                      "rows": list(range(first_row, last_row + 1))}
+                      "size": self.manifest["codec"]["size"], "rows": list(range(first_row, last_row + 1))}

@@ -87,3 +87,41 @@ def write_dataset(root: str, shard_rows: dict[str, list[int]], row_len: int, see
     return root
 
 
+def write_image_dataset(root: str, images: dict[str, list[tuple[str, bytes]]], tokenizer, seq_len: int = 4096,
+                        size: int = 64, quality: int = 25) -> str:
+    """A preprocess output of real canonical bodies ({split: [(id, body)]}), tokenized, packed and sharded as
+    `jpeglm preprocess` does (pipeline.packing, pipeline.shards), without Ray; manifest.json last."""
+    from pipeline import packing
+
+    tokenizer.save(storage.join(root, "tokenizer.model"))
+    entries, totals = [], {}
+    for split, items in images.items():
+        rows = packing.pack([(i, tokenizer.encode(b)) for i, b in items], seq_len, tokenizer.bos_id,
+                            tokenizer.eos_id)
+        path = f"shards/{shard_name(split, 0)}"
+        info = write_shard(storage.join(root, path), split, rows)
+        entries.append({"path": path, "split": split, "rows": info.rows, "first_row": 0,
+                        "tokens": info.rows * seq_len, "bytes": info.bytes, "sha256": info.sha256,
+                        "index": f"shards/{info.index}"})
+        totals[split] = {"images": len(items), "rows": len(rows), "tokens": len(rows) * seq_len,
+                         "padding_tokens": 0, "dropped_tokens": 0}
+    manifest = {
+        "format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION, "seq_len": seq_len, "token_dtype": "uint16",
+        "tokenizer": {"path": "tokenizer.model", **tokenizer.metadata()},
+        "codec": {"size": size, "quality": quality, "subsampling": "4:2:0", "restart_interval_mcus": 1},
+        "config": {}, "shards": entries, "totals": totals, "last_row_policy": "pad",
+    }
+    storage.write_bytes(storage.join(root, "manifest.json"), json.dumps(manifest, indent=2).encode())
+    return root
+
+
+def load_bench(name: str):
+    """bench/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

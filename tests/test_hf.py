@@ -177,7 +177,7 @@ def test_exported_tokenizer_and_generation_match_transformers(tmp_path):
     transformers' greedy generate() from BOS gives our sampler's tokens."""
     from pipeline.sample_images import derive
     from pipeline.tokenizer import Tokenizer, bytes_to_text, text_to_bytes
-    from trainer.sample import SamplingParams, generate
+    from trainer.generate import SamplingParams, generate
 
     files = [data for _, data in derive(8)]
     tok = Tokenizer.train(files[:6], 320)
@@ -202,3 +202,34 @@ def test_exported_tokenizer_and_generation_match_transformers(tmp_path):
         theirs = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, min_new_tokens=24)
     ours = generate(model, [prompt], 24, SamplingParams(temperature=0.0))[0].tokens
     assert theirs[0, len(prompt):].tolist() == ours
+
+
+def test_the_codec_travels_with_exported_and_hugging_face_folders(tmp_path):
+    """The image size a model was trained on reaches sampling from every kind of checkpoint (64x64 here)."""
+    from trainer import pretrained
+    from trainer.sample import checkpoint_codec
+
+    model = _our_model()
+    codec = {"size": 64, "quality": 25, "subsampling": "4:2:0", "restart_interval_mcus": 1}
+    hf.save_hf(model.state_dict(), model.cfg, str(tmp_path / "hf"), codec=codec)
+    pretrained.save_pretrained(model.state_dict(), model.cfg, str(tmp_path / "native"), codec=codec)
+    assert hf.load_hf_local(str(tmp_path / "hf"))[1]["codec"] == codec
+    assert pretrained.load_pretrained(tmp_path / "native")[1]["codec"] == codec  # a pathlib.Path works too
+    assert checkpoint_codec(str(tmp_path / "hf")) == checkpoint_codec(str(tmp_path / "native")) == codec
+    # transformers ignores our record and loads the folder as any Llama.
+    assert transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).config.vocab_size == 320
+    # Folders without the record (e.g. the authors' weights) mean the paper's 256x256 at quality 25.
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["jpeglm"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert checkpoint_codec(str(tmp_path / "hf")) == {"size": 256, "quality": 25}
+
+
+def test_run_codec_falls_back_to_the_training_data(tmp_path):
+    from trainer.pretrained import run_codec
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"codec": {"size": 48, "quality": 25}}))
+    assert run_codec({"codec": {"size": 96, "quality": 30}, "data": {"uri": str(tmp_path / "data")}})["size"] == 96
+    assert run_codec({"data": {"uri": str(tmp_path / "data")}}) == {"size": 48, "quality": 25}
+    assert run_codec({"data": {"uri": str(tmp_path / "moved")}}) == {"size": 256, "quality": 25}  # warned

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from trainer.model import ModelConfig, Transformer
-from trainer.sample import EOIDetector, GenerationStats, SamplingParams, generate, next_tokens
+from trainer.generate import EOIDetector, GenerationStats, SamplingParams, generate, next_tokens
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,7 +40,7 @@ def _prompts(n: int, length: int, seed: int = 1) -> list[list[int]]:
 
 @torch.no_grad()
 def _greedy_reference(model: Transformer, prompt: list[int], n: int, eos_id: int | None = None) -> list[int]:
-    """Greedy decoding by full recomputation, written independently of trainer.sample."""
+    """Greedy decoding by full recomputation, written independently of trainer.generate."""
     seq = list(prompt)
     for _ in range(n):
         t = int(model(torch.tensor([seq]))[0, -1].argmax())
@@ -88,8 +90,24 @@ def test_generation_stops_at_max_seq_len():
     assert [len(g.tokens) for g in gens] == [22, 22]
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, _prompts(1, 32), 5, GREEDY)
-    with pytest.raises(ValueError, match="equal-length"):
-        generate(model, [[1, 5], [1]], 5, GREEDY)
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, [[1, 5], []], 5, GREEDY)
+
+
+def test_prompts_of_different_lengths_decode_as_if_alone():
+    """A batch of unequal prompts shares one cache: each row is fed its own prompt tokens until they run out, so
+    every row gets exactly the tokens it gets decoded alone (greedy), and its own stop."""
+    model = _random_model(seed=6)
+    prompts = [p[:n] for p, n in zip(_prompts(4, 12, seed=7), (3, 12, 7, 5))]
+    solo = [_greedy_reference(model, p, 20) for p in prompts]
+    stats = GenerationStats()
+    gens = generate(model, prompts, 20, GREEDY, stats=stats)
+    assert [g.tokens for g in gens] == solo and all(g.stop == "max_tokens" for g in gens)
+    assert stats.new_tokens == 4 * 20  # forced prompt tokens are not counted as generated
+    # Without the cache (the reference path) and against the context limit: row totals stop at max_seq_len.
+    assert [g.tokens for g in generate(model, prompts, 20, GREEDY, use_cache=False)] == solo
+    short = _random_model(seed=6, max_seq_len=16)
+    assert [len(g.tokens) for g in generate(short, prompts, 20, GREEDY)] == [13, 4, 9, 11]
 
 
 def test_sampling_filters_and_seed():
@@ -243,6 +261,7 @@ def _top_rows_equal(a: Image.Image, b: Image.Image, rows: int) -> bool:
 
 def test_completion_keeps_prompt_rows(random_checkpoint, photo_bodies, tmp_path):
     from pipeline import codec
+    from pipeline.repair import prompt_prefix
     from pipeline.sample_images import photo_bytes
 
     names = ["camera.jpg", "rocket.jpg"]
@@ -257,7 +276,7 @@ def test_completion_keeps_prompt_rows(random_checkpoint, photo_bodies, tmp_path)
     assert [s["prompt"] for s in summary["samples"]] == [str(tmp_path / n) for n in names for _ in range(2)]
     for i, s in enumerate(summary["samples"]):
         body = photo_bodies[os.path.basename(s["prompt"])]
-        prefix = codec.prompt_prefix(body, ratio)
+        prefix = prompt_prefix(body, ratio)
         jpeg = (out / s["file"]).read_bytes()
         # Byte for byte: the repaired file is the prompt (tables spliced after SOI) followed by the model's bytes.
         assert jpeg.startswith(codec.assemble(prefix)), s["file"]
@@ -305,30 +324,60 @@ def test_bf16_path_runs_on_cpu(random_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--ratio", "0.01", "--prompt", "x.jpg"], "--ratio"),
-        (["--temperature", "-1"], "--temperature"),
-        (["--top-p", "0"], "--top-p"),
-        (["--num", "0"], "--num"),
-        (["--prompt", "/nonexistent/image.jpg"], "no such file"),
+        (["--ratio", "0.01", "--prompt", "PHOTO"], "--ratio 0.01 at 256x256 pixels: ratio 0.01 gives 0 of 16 MCU rows"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--num", "0"], "--num must be positive"),
+        (["--prompt", "/nonexistent/image.jpg"], "--prompt /nonexistent/image.jpg: no such file"),
+        (["--out", "FILE"], "is a file, not a folder"),
+        (["--out", "FILE/sub"], "is a file, so the folder cannot be created there"),
     ],
 )
-def test_bad_flags_fail_with_a_message(random_checkpoint, tmp_path, capsys, extra, message):
-    with pytest.raises(SystemExit) as e:
-        _sample("--checkpoint", random_checkpoint, "--out", str(tmp_path), *extra)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+def test_bad_flags_fail_with_one_line_before_loading(random_checkpoint, tmp_path, capsys, extra, message):
+    from pipeline.sample_images import photo_bytes
+
+    (tmp_path / "FILE").write_text("not a folder")
+    (tmp_path / "photo.jpg").write_bytes(photo_bytes("coins.jpg"))
+    extra = [str(tmp_path / "photo.jpg") if a == "PHOTO" else str(tmp_path / a) if a.startswith("FILE") else a
+             for a in extra]
+    out = [] if "--out" in extra else ["--out", str(tmp_path / "out")]
+    assert _sample("--checkpoint", random_checkpoint, *out, *extra) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jpeglm sample: error: ") and message in lines[0], captured.err
+    assert "checkpoint" not in captured.err.lower() or "--checkpoint" in captured.err  # refused before loading
 
 
 def test_missing_or_unknown_checkpoint_fails_with_a_message(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        _sample("--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
-    assert e.value.code == 2
+    assert _sample("--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")) == 2
     assert "nothing: no such folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit) as e:
-        _sample("--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
-    assert e.value.code == 2
+    assert _sample("--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "out")) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prompt_too_long_for_the_context_names_the_largest_ratio_that_fits(random_checkpoint, tmp_path, capsys,
+                                                                            caplog):
+    from pipeline import codec
+    from pipeline.repair import prompt_prefix
+    from pipeline.sample_images import photo_bytes
+    from pipeline.tokenizer import Tokenizer
+
+    (tmp_path / "a.jpg").write_bytes(photo_bytes("astronaut.jpg"))
+    tok = Tokenizer.load(os.path.join(random_checkpoint, "tokenizer.model"))
+    body = codec.canonicalize(photo_bytes("astronaut.jpg"))
+    lengths = {r: 1 + len(tok.encode(prompt_prefix(body, r / 16))) for r in range(1, 16)}
+    limit = lengths[5] + 1  # rows 1..5 fit, 6 (ratio 0.375) does not
+    assert _sample("--checkpoint", random_checkpoint, "--out", str(tmp_path / "out"), "--prompt",
+                   str(tmp_path / "a.jpg"), "--max-tokens", str(limit)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"is {lengths[6]:,} tokens, not below the limit of {limit:,}" in err
+    assert "the largest --ratio that fits is 0.3125" in err  # 5 of 16 rows
+    # Without --max-tokens the model's context is the limit, and nothing is said about a flag the user never set.
+    caplog.clear()
+    assert _sample("--checkpoint", random_checkpoint, "--out", str(tmp_path / "ok"), "--num", "1") == 0
+    assert "--max-tokens" not in caplog.text and "--max-tokens" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- the whole loop
@@ -422,13 +471,14 @@ def test_overfit_model_reproduces_the_image_exactly(overfit_checkpoint, tmp_path
 @pytest.mark.slow
 def test_overfit_model_completes_its_image(overfit_checkpoint, tmp_path):
     from pipeline import codec
+    from pipeline.repair import prompt_prefix
     from pipeline.sample_images import photo_bytes
 
     body = codec.canonicalize(photo_bytes("rocket.jpg"))
     out = tmp_path / "out"
     assert _sample("--checkpoint", overfit_checkpoint["hf"], "--out", str(out), "--prompt", overfit_checkpoint["image"],
                    "--ratio", "0.375", "--num", "2", "--temperature", "0.5", "--seed", "0") == 0
-    prefix = codec.prompt_prefix(body, 0.375)
+    prefix = prompt_prefix(body, 0.375)
     original = Image.open(io.BytesIO(codec.assemble(body))).convert("RGB")
     for s in _summary(out)["samples"]:
         assert s["prompt_tokens"] == 1 + len(overfit_checkpoint["tokenizer"].encode(prefix))
@@ -468,18 +518,48 @@ def test_training_run_dir_as_checkpoint(overfit_checkpoint, tmp_path):
 
 def test_bench_sample_runs_with_small_shapes(tmp_path):
     """bench/bench_sample.py end to end on tiny shapes, in bf16 (the dtype of its GPU path)."""
-    import importlib.util
+    from helpers import load_bench
 
-    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_sample.py")
-    spec = importlib.util.spec_from_file_location("bench_sample", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_sample")
     out = tmp_path / "sample.json"
     assert bench.main(["--out", str(out), "--presets", "tiny", "--dtype", "bf16", "--batch", "2", "--new-tokens", "8",
-                       "--window", "4", "--repeat", "2", "--tokens-per-image", "64", "--full-image"]) == 0
+                       "--window", "4", "--repeat", "2", "--tokens-per-image", "64", "--full-image",
+                       "--threads-check"]) == 0
     result = json.loads(out.read_text())
     assert result["dtype"] == "bfloat16" and result["torch_threads"] == 1
     tiny = result["presets"]["tiny"]
     assert tiny["kv_vs_recompute"]["new_tokens_from_bos"] == 8 and tiny["kv_vs_recompute"]["speedup"] > 0
     assert set(tiny["images_per_min"]) == {"1", "2"} and tiny["images_per_min"]["2"]["context"] == 32
     assert set(tiny["full_image_measured"]) == {"1", "2"}
+    threads = result["threads"]
+    counts = {"1", str(threads["cores"])}
+    assert set(threads["as_is_tokens_per_s"]) == set(threads["one_busy_process_tokens_per_s"]) == counts
+    assert 1 <= threads["default_threads_now"] <= threads["cores"]
+
+
+def test_thread_default_leaves_the_cores_other_processes_use(monkeypatch):
+    import subprocess
+    import sys
+
+    from trainer import sample
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(sample, "busy_cores", lambda: 0.2)
+    assert sample.default_threads() == cores  # a quiet machine: every usable core
+    monkeypatch.setattr(sample, "busy_cores", lambda: cores + 3.0)
+    assert sample.default_threads() == 1  # busy: one thread, which cannot wait on a descheduled sibling
+    monkeypatch.setattr(sample, "busy_cores", lambda: cores - 1.0)
+    assert sample.default_threads() == 1
+    monkeypatch.undo()
+    # A real busy process is seen within the measurement interval (a load average would take a minute).
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert sample.busy_cores() >= 0.5
+    finally:
+        busy.kill()
+        busy.wait()
+    from jpeglm.cli import build_parser
+
+    help_text = " ".join(build_parser("sample")._subparsers._group_actions[0].choices["sample"].format_help().split())
+    assert "usable cores minus those other processes keep busy now" in help_text

@@ -83,6 +83,9 @@ DEFAULTS: dict[str, dict] = {
         # validation samples (rows x windows) per evaluation, spread evenly over the whole split, the same on any
         # number of processes (all of them when the split has fewer)
         "max_samples": 256,
+        # at each evaluation, a grid of samples (4 from BOS + this many completions of fixed validation images at
+        # ratio 0.5) to RUN/images/step-N.png and TensorBoard; 0 = none. Every rank samples (ZeRO-3 gathers).
+        "sample_grid": 3,
     },
     "log": {
         "every_steps": 10,  # console line every N steps (metrics.jsonl and TensorBoard get every step)
@@ -214,7 +217,7 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"{section}.{key} must be positive, got {cfg[section][key]!r}")
     non_negative = [("train", "max_steps"), ("optimizer", "warmup_steps"), ("optimizer", "weight_decay"),
                     ("optimizer", "grad_clip"), ("checkpoint", "every_steps"), ("eval", "every_steps"),
-                    ("eval", "max_samples"), ("log", "every_steps")]
+                    ("eval", "max_samples"), ("eval", "sample_grid"), ("log", "every_steps")]
     for section, key in non_negative:
         if cfg[section][key] is None or cfg[section][key] < 0:
             raise ConfigError(f"{section}.{key} must be >= 0, got {cfg[section][key]!r}")

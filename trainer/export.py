@@ -24,17 +24,13 @@ from trainer import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
-# The image size and JPEG quality of checkpoints saved before the codec was recorded in them (the paper's).
-DEFAULT_CODEC = {"size": 256, "quality": 25}
-
-
 def consolidate(checkpoint_dir: str):
     """(state_dict of fp32 CPU tensors named as in trainer/model.py, ModelConfig, tokenizer path or None, meta).
 
     checkpoint_dir: a training run dir (its latest checkpoint), its checkpoints/ folder, or one global_stepN folder.
     meta: {"checkpoint", "step", "tokenizer" (fingerprint, vocab_size, bos_id, eos_id, ...), "config" (the run's
-    full config), "data", "codec" (the training images' size and quality; checkpoints from before it was recorded:
-    DEFAULT_CODEC)}. Raises trainer.checkpoint.CheckpointError if there is no complete checkpoint there."""
+    full config), "data", "codec" (the training images' size and quality; None in checkpoints from before it was recorded:
+    trainer.pretrained.run_codec then reads the data's manifest)}. Raises trainer.checkpoint.CheckpointError if there is no complete checkpoint there."""
     import torch
 
     from trainer.model import ModelConfig, Transformer
@@ -72,7 +68,7 @@ def consolidate(checkpoint_dir: str):
     log.info("consolidated %s (step %d, %d tensors) in %.1f s", os.path.join(root, tag), state["step"],
              len(state_dict), time.perf_counter() - t0)
     meta = {"checkpoint": os.path.join(root, tag), "step": state["step"], "tokenizer": state["tokenizer"],
-            "config": state["config"], "data": state["data"], "codec": state.get("codec") or dict(DEFAULT_CODEC)}
+            "config": state["config"], "data": state["data"], "codec": state.get("codec")}
     return state_dict, cfg, tokenizer_path, meta
 
 
@@ -95,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from trainer.pretrained import save_pretrained
+    from trainer.pretrained import run_codec, save_pretrained
 
     state_dict, cfg, tokenizer_path, meta = consolidate(args.checkpoint)
     if tokenizer_path is None:
@@ -105,10 +101,11 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "hf":
         from trainer.hf import save_hf
 
-        save_hf(state_dict, cfg, out_dir, tokenizer_path, dtype=dtype, tokenizer_meta=meta["tokenizer"])
+        save_hf(state_dict, cfg, out_dir, tokenizer_path, dtype=dtype, tokenizer_meta=meta["tokenizer"],
+                codec=run_codec(meta))
     else:
         save_pretrained({k: v.to(dtype) for k, v in state_dict.items()}, cfg, out_dir, tokenizer_path=tokenizer_path,
-                        tokenizer_meta=meta["tokenizer"], codec=meta["codec"],
+                        tokenizer_meta=meta["tokenizer"], codec=run_codec(meta),
                         source={"checkpoint": meta["checkpoint"], "step": meta["step"], "data": meta["data"]["uri"]})
     n = sum(v.numel() for v in state_dict.values())
     print(f"exported {meta['checkpoint']} (step {meta['step']}, {n / 1e6:,.2f}M parameters, {args.dtype}) "

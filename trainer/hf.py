@@ -11,8 +11,9 @@ pure rename (no permutation of q/k rows):
     norm / output                           <-> model.norm / lm_head
 
 `save_hf` writes a folder that `transformers` (LlamaForCausalLM, LlamaTokenizer) and vLLM load as is:
-config.json, generation_config.json, model.safetensors (or shards + model.safetensors.index.json),
-tokenizer.model, tokenizer_config.json, special_tokens_map.json. `load_hf` reads such a folder (ours, or
+config.json (with our own record under "jpeglm": byte offset, tokenizer fingerprint, codec),
+generation_config.json, model.safetensors (or shards + model.safetensors.index.json), tokenizer.model,
+tokenizer_config.json, special_tokens_map.json. `load_hf` reads such a folder (ours, or
 another Llama checkpoint such as the authors' released JPEG-LM weights) from a local path or s3://.
 
 `transformers` itself is never imported here (it is a test-only dependency); config.json and the safetensors
@@ -31,6 +32,7 @@ import torch
 
 from pipeline.tokenizer import BYTE_OFFSET  # byte b of a JPEG is chr(BYTE_OFFSET + b) in the tokenizer's text
 from trainer.model import ModelConfig, Transformer
+from trainer.pretrained import codec_params
 
 log = logging.getLogger(__name__)
 
@@ -213,11 +215,14 @@ def save_hf(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     tokenizer_meta: dict | None = None,
+    codec: dict | None = None,
 ) -> list[str]:
     """Write a Hugging Face Llama checkpoint of our model's `state_dict` into the local folder `out_dir`.
 
     dtype: store the weights in this dtype (default: as given). The tokenizer's BOS/EOS ids go into config.json,
-    so `generate()` starts and stops where the model was trained to. Returns the written file names.
+    so `generate()` starts and stops where the model was trained to. codec: the training data's codec record
+    (image size, quality; trainer.pretrained.codec_params), kept in config.json under "jpeglm". Returns the
+    written file names.
     """
     from safetensors.torch import save_file
 
@@ -253,7 +258,7 @@ def save_hf(
         written.append("model.safetensors.index.json")
 
     bos, eos, pad = 1, 2, None
-    extra = {"jpeglm": {"byte_offset": BYTE_OFFSET, "tokenizer": tokenizer_meta or {}}}
+    extra = {"jpeglm": {"byte_offset": BYTE_OFFSET, "tokenizer": tokenizer_meta or {}, "codec": codec_params(codec)}}
     if tokenizer_path:
         special = _special_pieces(tokenizer_path)
         bos, eos = special["ids"]["bos"], special["ids"]["eos"]
@@ -352,7 +357,8 @@ def load_hf_local(
     path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[Transformer, dict]:
     """(model in eval mode, info) from a local Hugging Face Llama folder. info: {"config": config.json,
-    "tokenizer_path": path or None, "bos_id", "eos_id", "model_config": ModelConfig}."""
+    "tokenizer_path": path or None, "bos_id", "eos_id", "model_config": ModelConfig, "codec": the image size and
+    quality it was trained on (config.json's "jpeglm" record; 256 / 25 when absent, e.g. the authors' weights)}."""
     with open(os.path.join(path, "config.json")) as f:
         d = json.load(f)
     cfg = model_config_from_hf(d)
@@ -380,6 +386,7 @@ def load_hf_local(
         "tokenizer_path": tokenizer if os.path.isfile(tokenizer) else None,
         "bos_id": d.get("bos_token_id"),
         "eos_id": d.get("eos_token_id"),
+        "codec": codec_params((d.get("jpeglm") or {}).get("codec")),
     }
     return model.to(device).eval(), info
 

@@ -118,6 +118,11 @@ class MetricsLogger:
         else:
             print(line, flush=True)
 
+    def image(self, tag: str, image, step: int) -> None:
+        """An (H, W, 3) uint8 image to TensorBoard (e.g. the grid of samples at an evaluation)."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

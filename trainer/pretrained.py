@@ -2,16 +2,21 @@
 
     DIR/model.safetensors   state_dict of trainer.model.Transformer (names as in model.py)
     DIR/config.json         {"format": "jpeglm", "format_version": 1, "model": ModelConfig fields,
-                             "tokenizer": {"fingerprint", "vocab_size", "bos_id", "eos_id"}, "source": {...}}
+                             "tokenizer": {"fingerprint", "vocab_size", "bos_id", "eos_id"},
+                             "codec": {"size", "quality", ...}, "source": {...}}
     DIR/tokenizer.model     the SentencePiece model the weights were trained with
 
 `jpeglm export` writes it from a DeepSpeed checkpoint; `jpeglm sample` reads it (and Hugging Face Llama
 folders, via trainer/hf.py).
+
+"codec" is the canonical JPEG form the model was trained on (the preprocess manifest's `codec`: image size,
+quality, ...); a folder without it means the paper's 256x256 at quality 25 (`codec_params`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -21,17 +26,48 @@ from trainer.model import ModelConfig, Transformer
 
 FORMAT = "jpeglm"
 FORMAT_VERSION = 1
+DEFAULT_CODEC = {"size": 256, "quality": 25}  # the paper's; what a checkpoint without a "codec" record means
+
+log = logging.getLogger(__name__)
+
+
+def codec_params(record: dict | None) -> dict:
+    """A checkpoint's codec record with the defaults filled in: at least {"size": int, "quality": int}."""
+    out = dict(DEFAULT_CODEC)
+    out.update({k: v for k, v in (record or {}).items() if v is not None})
+    out["size"], out["quality"] = int(out["size"]), int(out["quality"])
+    return out
+
+
+def run_codec(meta: dict) -> dict:
+    """The codec of a training checkpoint from trainer.export.consolidate's meta: its own "codec" record, else
+    (checkpoints written before the trainer recorded it) the manifest of the data it was trained on."""
+    if meta.get("codec"):
+        return codec_params(meta["codec"])
+    data_uri = (meta.get("data") or {}).get("uri")
+    if data_uri:
+        from pipeline import storage
+
+        manifest = storage.join(data_uri, "manifest.json")
+        try:
+            return codec_params(json.loads(storage.read_bytes(manifest)).get("codec"))
+        except (OSError, ValueError) as e:
+            log.warning("the checkpoint does not record its image size and its data %s is not readable (%s): "
+                        "assuming %s", data_uri, e, DEFAULT_CODEC)
+    return codec_params(None)
 
 
 def save_pretrained(
     state_dict: dict[str, torch.Tensor],
     cfg: ModelConfig,
-    out_dir: str,
-    tokenizer_path: str | None = None,
+    out_dir: str | os.PathLike,
+    tokenizer_path: str | os.PathLike | None = None,
     tokenizer_meta: dict | None = None,
     source: dict | None = None,
     codec: dict | None = None,
 ) -> None:
+    """Write the folder (see the module docstring). codec: the training data's codec record (size, quality, ...);
+    None means the defaults."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
@@ -42,6 +78,7 @@ def save_pretrained(
         "format_version": FORMAT_VERSION,
         "model": cfg.to_dict(),
         "tokenizer": tokenizer_meta or {},
+        "codec": codec_params(codec),
         "source": source or {},
     }
     if codec:
@@ -52,7 +89,7 @@ def save_pretrained(
         shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
 
 
-def is_pretrained_dir(path: str) -> bool:
+def is_pretrained_dir(path: str | os.PathLike) -> bool:
     cfg = os.path.join(path, "config.json")
     if not (os.path.isfile(cfg) and os.path.isfile(os.path.join(path, "model.safetensors"))):
         return False
@@ -60,16 +97,20 @@ def is_pretrained_dir(path: str) -> bool:
         return json.load(f).get("format") == FORMAT
 
 
-def load_pretrained(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, dict]:
-    """(model in eval mode, config.json contents). Raises ValueError naming what is wrong with the folder."""
+def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[Transformer, dict]:
+    """(model in eval mode, config.json contents; its "codec" is `codec_params(...)` of the stored record).
+    Raises ValueError naming what is wrong with the folder."""
     from safetensors.torch import load_file
 
     if not is_pretrained_dir(path):
-        raise ValueError(f"{path} is not an exported jpeglm model (expected config.json with format 'jpeglm' and model.safetensors)")
+        raise ValueError(f"{path} is not an exported jpeglm model (expected config.json with format 'jpeglm' and "
+                         "model.safetensors)")
     with open(os.path.join(path, "config.json")) as f:
         meta = json.load(f)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        raise ValueError(f"{path}: format_version {meta.get('format_version')} is not supported "
+                         f"(expected {FORMAT_VERSION})")
     cfg = ModelConfig.from_dict(meta["model"])
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -77,4 +118,5 @@ def load_pretrained(path: str, device: str | torch.device = "cpu", dtype: torch.
     model.load_state_dict(state, strict=True, assign=True)
     if dtype is not None:
         model = model.to(dtype)
+    meta["codec"] = codec_params(meta.get("codec"))
     return model.to(device).eval(), meta

@@ -5,13 +5,13 @@
 
 --checkpoint is any of: an exported jpeglm folder (trainer/pretrained.py), a Hugging Face Llama folder
 (trainer/hf.py; e.g. the authors' released weights), or a training run dir / DeepSpeed checkpoint
-(trainer/export.py consolidates it); a local path or s3://.
+(trainer/export.py consolidates it); a local path or s3://. The image size and JPEG quality the model was trained
+on come from the checkpoint (its "codec" record; 256 / 25 when it has none).
 
-Decoding is batched with a KV cache: the prompt (BOS + prompt tokens, the same length for every row of a batch) is
-prefilled once, then one token per step. A row stops at EOS, when the bytes FF D9 (JPEG EOI) appear in its decoded
-byte stream, or at the token limit; finished rows are dropped from the batch (and from the cache). Every sample is
-repaired (pipeline.codec.repair) and decoded, then written as OUT/sample-NNNN.jpg and .png; OUT/grid.png shows each
-prompt beside its completions; OUT/summary.json gives per-sample token counts, completeness and timing.
+Decoding is trainer/generate.py's: batched, with a KV cache, stopping at EOS, at JPEG EOI (FF D9) or at the token
+limit. Every sample is repaired (pipeline.repair) and decoded, then written as OUT/sample-NNNN.jpg and .png;
+OUT/grid.png shows each prompt beside its completions, each labelled with how it ended ("complete", "cut at N
+tokens", "repaired"); OUT/summary.json gives per-sample token counts, completeness and timing.
 """
 
 from __future__ import annotations
@@ -21,216 +21,65 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from jpeglm.errors import UserError
-from pipeline.codec import EOI  # the JPEG end marker FF D9 ends a sample
-from trainer.model import KVCache, Transformer
+from trainer.generate import EOIDetector, GenerationStats, SamplingParams, generate
+from trainer.model import Transformer
 
 log = logging.getLogger("jpeglm.sample")
 
-DEFAULT_MAX_TOKENS = 12288  # the paper's sequence length: BOS + prompt + generated tokens per image
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ---------------------------------------------------------------------------------------------- sampling core
-
-
-@dataclass
-class SamplingParams:
-    """temperature 0 = greedy. top_k 0 / top_p 1.0 disable the filter. Defaults: the authors' settings."""
-
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 0.9
-
-    def validate(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-
-
-def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) fp32 -> token ids (B,): greedy, or temperature + top-k + top-p (nucleus) sampling."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens before it already cover top_p (the best token always stays).
-        drop = probs.cumsum(dim=-1) - probs >= params.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-class EOIDetector:
-    """Finds the JPEG end-of-image marker FF D9 in each row's decoded byte stream, token by token.
-
-    A BPE piece may hold FF D9 whole, or end with FF while the next starts with D9. In entropy-coded data a 0xFF
-    byte is always stuffed (FF 00) or starts a restart marker, so FF D9 means end of image.
-    """
-
-    def __init__(self, token_bytes: list[bytes]):
-        self.contains_eoi = [EOI in b for b in token_bytes]
-        self.starts_d9 = [b[:1] == b"\xd9" for b in token_bytes]
-        self.ends_ff = [None if not b else b[-1:] == b"\xff" for b in token_bytes]  # None: no bytes (specials)
-
-    def prompt_state(self, prompt_tokens: list[int]) -> bool:
-        """Whether the prompt's byte stream ends with FF (so a first D9 closes the image)."""
-        last_ff = False
-        for t in prompt_tokens:
-            if self.ends_ff[t] is not None:
-                last_ff = self.ends_ff[t]
-        return last_ff
-
-    def step(self, token: int, last_ff: bool) -> tuple[bool, bool]:
-        """(EOI reached, new last_ff)."""
-        done = self.contains_eoi[token] or (last_ff and self.starts_d9[token])
-        ends = self.ends_ff[token]
-        return done, last_ff if ends is None else ends
-
-
-@dataclass
-class Generation:
-    tokens: list[int]  # generated tokens, without the prompt; includes the EOS / EOI-closing token
-    stop: str  # "eos", "eoi" or "max_tokens"
-
-
-@dataclass
-class GenerationStats:
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    new_tokens: int = 0
-    steps: int = 0
-    rows: list[int] = field(default_factory=list)
-
-    @property
-    def tokens_per_s(self) -> float:
-        total = self.prefill_s + self.decode_s
-        return self.new_tokens / total if total > 0 else 0.0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def generate(
-    model: Transformer,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    params: SamplingParams,
-    eos_id: int | None = None,
-    eoi: EOIDetector | None = None,
-    generator: torch.Generator | None = None,
-    use_cache: bool = True,
-    stats: GenerationStats | None = None,
-    on_step=None,
-    suppress_ids: list[int] | None = None,
-) -> list[Generation]:
-    """Autoregressive decoding of a batch of equal-length prompts (each starts with BOS).
-
-    suppress_ids: tokens never to generate (e.g. <unk>, which stands for no byte).
-    use_cache=False recomputes the whole sequence at every step (the reference, and the benchmark's baseline).
-    on_step(n_active) is called after every decoding step (progress bars).
-    """
-    params.validate()
-    if not prompts or len({len(p) for p in prompts}) != 1:
-        raise ValueError("prompts must be a non-empty list of equal-length token lists")
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    prompt_len = len(prompts[0])
-    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - prompt_len)
-    if max_new_tokens <= 0:
-        raise ValueError(f"prompt of {prompt_len} tokens leaves no room under max_seq_len={model.cfg.max_seq_len}")
-    stats = stats if stats is not None else GenerationStats()
-    n = len(prompts)
-    out: list[list[int]] = [[] for _ in range(n)]
-    stop = ["max_tokens"] * n
-    last_ff = [eoi.prompt_state(p) if eoi else False for p in prompts]
-    active = list(range(n))  # original row index of each row still in the batch
-
-    seq = torch.tensor(prompts, dtype=torch.long, device=device)
-    shared = use_cache and n > 1 and all(p == prompts[0] for p in prompts)
-    t0 = time.perf_counter()
-    if shared:
-        # Several samples of one prompt (unconditional, or completions of one image): prefill it once and copy
-        # its cache rows.
-        cache = KVCache(model.cfg, 1, prompt_len + max_new_tokens, device, dtype)
-        logits = model(seq[:1], cache)[:, -1].expand(n, -1).contiguous()
-        cache.k = [k.repeat(n, 1, 1, 1) for k in cache.k]
-        cache.v = [v.repeat(n, 1, 1, 1) for v in cache.v]
-    else:
-        cache = KVCache(model.cfg, n, prompt_len + max_new_tokens, device, dtype) if use_cache else None
-        logits = model(seq, cache)[:, -1]
-    _sync(device)
-    stats.prefill_s += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for step in range(max_new_tokens):
-        if suppress_ids:
-            logits[:, suppress_ids] = float("-inf")
-        tok = next_tokens(logits, params, generator)
-        tok_list = tok.tolist()  # one host sync per step: the stop tests need the ids
-        keep = []
-        for j, (row, t) in enumerate(zip(active, tok_list)):
-            out[row].append(t)
-            if eos_id is not None and t == eos_id:
-                stop[row] = "eos"
-                continue
-            if eoi is not None:
-                done, last_ff[row] = eoi.step(t, last_ff[row])
-                if done:
-                    stop[row] = "eoi"
-                    continue
-            keep.append(j)
-        stats.new_tokens += len(tok_list)
-        stats.steps += 1
-        if on_step:
-            on_step(len(keep))
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(active):
-            # Drop finished rows: the remaining ones compute (and cache) nothing for them.
-            idx = torch.tensor(keep, device=device)
-            tok = tok[idx]
-            active = [active[j] for j in keep]
-            if cache is not None:
-                cache.k = [k.index_select(0, idx) for k in cache.k]
-                cache.v = [v.index_select(0, idx) for v in cache.v]
-            else:
-                seq = seq.index_select(0, idx)
-        if cache is not None:
-            logits = model(tok[:, None], cache)[:, -1]
-        else:
-            seq = torch.cat([seq, tok[:, None]], dim=1)
-            logits = model(seq)[:, -1]
-    _sync(device)
-    stats.decode_s += time.perf_counter() - t0
-    stats.rows.append(n)
-    return [Generation(o, s) for o, s in zip(out, stop)]
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
 
 
 class SampleError(UserError):
     """A problem with the user's inputs (checkpoint, prompt, flags): reported as a message, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------- threads
+
+
+def default_threads() -> int:
+    """torch CPU threads when --threads is not given: the cores this process may run on minus the cores other
+    processes keep busy right now (busy_cores()), at least 1. OpenMP threads wait for each other at the end of every
+    operation, so a thread that shares its core with a busy process stalls all of them: with one other busy process
+    on 2 cores, 2 threads decoded 3.5x slower than 1 (bench/results/sample-threads.json)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, round(cores - busy_cores())))
+
+
+def busy_cores(interval: float = 0.25) -> float:
+    """How many cores other processes use now: the machine's non-idle CPU time over `interval` seconds (Linux
+    /proc/stat; we are idle meanwhile); elsewhere the 1-minute load average."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        t0, idle0 = sample()
+        time.sleep(interval)
+        t1, idle1 = sample()
+        return (1 - (idle1 - idle0) / max(1, t1 - t0)) * (os.cpu_count() or 1)
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+
+
+def set_threads(threads: int | None) -> int:
+    """Apply --threads (None: default_threads()) to torch; returns the number used."""
+    n = threads or default_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
 
 
 @dataclass
@@ -239,6 +88,7 @@ class LoadedModel:
     tokenizer: object  # pipeline.tokenizer.Tokenizer
     kind: str  # "jpeglm", "huggingface" or "training-run"
     source: str
+    codec: dict = field(default_factory=lambda: {"size": 256, "quality": 25})  # trainer.pretrained.codec_params
 
 
 def read_checkpoint_config(uri: str) -> dict | None:
@@ -251,14 +101,31 @@ def read_checkpoint_config(uri: str) -> dict | None:
     return json.loads(storage.read_bytes(cfg_uri))
 
 
+def checkpoint_codec(uri: str) -> dict:
+    """The codec record (image size, quality) of a checkpoint, read without loading its weights."""
+    from trainer import checkpoint as ckpt, hf, pretrained
+
+    config = read_checkpoint_config(uri)
+    if config is not None and config.get("format") == pretrained.FORMAT:
+        return pretrained.codec_params(config.get("codec"))
+    if config is not None and hf.is_llama_config(config):
+        return pretrained.codec_params((config.get("jpeglm") or {}).get("codec"))
+    if "://" in uri:
+        raise SampleError(f"--checkpoint {uri}: training checkpoints are read from a filesystem path; copy it "
+                          "locally first (or export it where it was trained)")
+    state = ckpt.read_state(*ckpt.resolve(uri))
+    return pretrained.run_codec({"codec": state.get("codec"), "data": state.get("data")})
+
+
 def load_checkpoint(
     uri: str, device: torch.device, dtype: torch.dtype, tokenizer_uri: str | None = None
 ) -> LoadedModel:
-    """Detect what `uri` holds and load model + tokenizer from it (see module docstring)."""
+    """Detect what `uri` holds and load model + tokenizer + codec from it (see module docstring)."""
     from pipeline import storage
     from pipeline.tokenizer import Tokenizer
     from trainer import hf, pretrained
 
+    uri = os.fspath(uri)
     if not storage.exists(uri):
         raise SampleError(f"--checkpoint {uri}: no such folder")
     config = read_checkpoint_config(uri)
@@ -268,11 +135,13 @@ def load_checkpoint(
             path = stack.enter_context(storage.local_folder(uri))
             model, meta = pretrained.load_pretrained(path, device=device, dtype=dtype)
             tok_path, tok_meta = os.path.join(path, "tokenizer.model"), meta.get("tokenizer") or {}
+            codec = meta["codec"]
         elif config is not None and hf.is_llama_config(config):
             kind = "huggingface"
             path = stack.enter_context(storage.local_folder(uri))
             model, info = hf.load_hf_local(path, device=device, dtype=dtype)
             tok_path, tok_meta = info["tokenizer_path"], (config.get("jpeglm") or {}).get("tokenizer") or {}
+            codec = info["codec"]
         else:
             kind = "training-run"
             try:
@@ -280,15 +149,15 @@ def load_checkpoint(
             except ImportError as e:
                 raise SampleError(f"--checkpoint {uri}: not an exported or Hugging Face folder, and training runs "
                                   f"cannot be read here ({e})") from None
-            state, cfg, tok_path, meta = consolidate(uri)
-            tok_meta = meta.get("tokenizer") or {}
+            state, cfg, tok_path, meta = consolidate(uri)  # quiet: DeepSpeed's print-out only if it fails
+            tok_meta, codec = meta.get("tokenizer") or {}, pretrained.run_codec(meta)
             with torch.device("meta"):
                 model = Transformer(cfg)
             model.load_state_dict(state, strict=True, assign=True)
-        log.info("checkpoint %s: %s, %.1fM parameters", uri,
+        log.info("checkpoint %s: %s, %.1fM parameters, %dx%d images at quality %d", uri,
                  {"jpeglm": "exported jpeglm folder", "huggingface": "Hugging Face Llama folder",
                   "training-run": "training run (DeepSpeed checkpoint, consolidated)"}[kind],
-                 sum(p.numel() for p in model.parameters()) / 1e6)
+                 sum(p.numel() for p in model.parameters()) / 1e6, codec["size"], codec["size"], codec["quality"])
         tok_path = tokenizer_uri or tok_path
         if not tok_path:
             raise SampleError(f"{uri}: no tokenizer.model found; pass --tokenizer PATH")
@@ -301,7 +170,7 @@ def load_checkpoint(
     model = model.to(device=device, dtype=dtype).eval()
     if tokenizer.vocab_size != model.cfg.vocab_size:
         raise SampleError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {model.cfg.vocab_size}")
-    return LoadedModel(model, tokenizer, kind, uri)
+    return LoadedModel(model, tokenizer, kind, uri, codec)
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -313,45 +182,32 @@ class SampleRecord:
     prompt: str | None
     prompt_tokens: int
     new_tokens: int
-    stop: str
+    stop: str  # the sampler's reason: "eos", "eoi" or "max_tokens"
+    ending: str  # in words, as in the grid: "complete", "cut at N tokens", "repaired"
     body_bytes: int
     body_sha256: str  # of the generated bytes before repair (prompt included): identical runs give identical hashes
     jpeg_bytes: int
     complete: bool
-    decoded: bool
+    mcu_fraction: float  # share of the image's MCUs whose data is all there
 
 
-def _render(jpeg: bytes):
-    """(RGB image, complete, decoded) via the tolerant decoder; a grey square if nothing decodes."""
-    from PIL import Image
+def render(data: bytes, codec: dict):
+    """(RGB image, repair report) of model output, a prefix or a body, through pipeline.repair."""
+    from pipeline.repair import decode_report
 
-    from pipeline import codec
-
-    try:
-        image, complete = codec.decode_tolerant(jpeg)
-        return image.convert("RGB"), bool(complete), True
-    except Exception as e:  # a sample the decoder cannot read at all is still a sample: record it
-        log.warning("undecodable sample (%s: %s)", type(e).__name__, e)
-        return Image.new("RGB", (256, 256), (128, 128, 128)), False, False
+    return decode_report(data, codec["quality"], codec["size"])
 
 
-def make_grid(rows: list[list], labels: list[list[str]] | None = None, cell: int = 256, gap: int = 4):
-    """A PNG-ready grid: rows of PIL images (each prompt's row: prompt, completions, original)."""
-    from PIL import Image, ImageDraw
+def largest_fitting_ratio(body: bytes, tokenizer, limit: int) -> float | None:
+    """The largest prompt ratio (whole MCU rows) whose BOS + tokens stay below `limit`; None if even one row does
+    not fit."""
+    from pipeline.repair import mcu_rows_of, prompt_prefix
 
-    ncols = max(len(r) for r in rows)
-    label_h = 14 if labels else 0
-    grid = Image.new("RGB", (ncols * (cell + gap) + gap, len(rows) * (cell + gap + label_h) + gap), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            x, y = gap + j * (cell + gap), gap + i * (cell + gap + label_h)
-            if im.size != (cell, cell):
-                im = im.resize((cell, cell))
-            grid.paste(im, (x, y + label_h))
-            if labels:
-                draw.text((x + 2, y + 1), labels[i][j], fill=(0, 0, 0))
-    return grid
+    rows = mcu_rows_of(body)
+    for r in range(rows - 1, 0, -1):
+        if 1 + len(tokenizer.encode(prompt_prefix(body, r / rows))) < limit:
+            return r / rows
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -359,8 +215,8 @@ def make_grid(rows: list[list], labels: list[list[str]] | None = None, cell: int
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="exported jpeglm folder, Hugging Face Llama folder, or training run dir "
-                             "(local path or s3://)")
+                        help="exported jpeglm folder, Hugging Face Llama folder (local path or s3://), or training "
+                             "run dir (local path)")
     parser.add_argument("--out", required=True, help="output folder for sample-NNNN.{jpg,png}, grid.png, summary.json")
     parser.add_argument("--num", type=int, default=8,
                         help="images to generate; with --prompt: completions per prompt (default 8)")
@@ -373,100 +229,135 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="random seed; the same flags give the same images (default 0)")
     parser.add_argument("--prompt", nargs="+", metavar="IMAGE", help="complete these images from their top rows")
     parser.add_argument("--ratio", type=float, default=0.375,
-                        help="fraction of the image given as prompt: cut after the n-th FF D7 marker, "
-                             "n = int(32*ratio) (default 0.375 = top 96 rows)")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help="max tokens per image including BOS and prompt, capped by the model's max_seq_len "
-                             f"(default {DEFAULT_MAX_TOKENS})")
+                        help="fraction of the image given as prompt, in whole 16-pixel MCU rows: floor(ratio x "
+                             "rows) rows (default 0.375 = the top 96 rows of 256, as in the paper)")
+    parser.add_argument("--max-tokens", type=int,
+                        help="max tokens per image including BOS and prompt (default: the model's context, "
+                             "max_seq_len)")
     parser.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's (local or s3://)")
+    parser.add_argument("--image-size", type=int, metavar="PX",
+                        help="image size the model was trained on, for checkpoints that do not record it "
+                             "(default: the checkpoint's, else 256)")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N or auto (cuda when available; default auto)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES),
                         help="weights/activations dtype (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--threads", type=int,
-                        help="torch CPU threads (default: torch's choice; 1 is often faster for small models on "
-                             "busy machines)")
+                        help="torch CPU threads (default: the usable cores minus those other processes keep busy "
+                             "now, at least 1: threads that share a core with a busy process stall each other)")
 
 
-def _check_args(parser_error, args) -> None:
-    if args.num <= 0:
-        parser_error("--num must be positive")
+def check_out_dir(out: str, flag: str = "--out") -> None:
+    """Refuse an output folder that is a file, before any work (the model may take minutes to load)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SampleError(f"{flag} {out} is a file, not a folder: give a folder path (it is created if missing)")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SampleError(f"{flag} {out}: {parent} is a file, so the folder cannot be created there")
+
+
+def device_of(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return dev
+
+
+def check_sampling_flags(args) -> None:
+    """The flags shared with `jpeglm eval`: --batch, --temperature, --top-k, --top-p, --threads."""
     if args.batch <= 0:
-        parser_error("--batch must be positive")
+        raise SampleError("--batch must be positive")
     if args.threads is not None and args.threads <= 0:
-        parser_error("--threads must be positive")
-    if args.max_tokens < 2:
-        parser_error("--max-tokens must be at least 2")
-    if args.prompt and not 0 < args.ratio < 1:
-        parser_error("--ratio must be in (0, 1), e.g. 0.375")
-    if args.prompt and int(32 * args.ratio) < 1:
-        parser_error(f"--ratio {args.ratio} gives n = int(32*ratio) = 0 markers: use at least 1/32")
+        raise SampleError("--threads must be positive")
     try:
         SamplingParams(args.temperature, args.top_k, args.top_p).validate()
     except ValueError as e:
         message = str(e)
         for name, flag in (("temperature", "--temperature"), ("top_k", "--top-k"), ("top_p", "--top-p")):
             message = message.replace(name, flag)
-        parser_error(message)
+        raise SampleError(message) from None
+
+
+def _check_args(args) -> None:
+    from pipeline import storage
+
+    if args.num <= 0:
+        raise SampleError("--num must be positive")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise SampleError("--max-tokens must be at least 2")
+    if args.image_size is not None and (args.image_size < 16 or args.image_size % 16):
+        raise SampleError(f"--image-size {args.image_size}: must be a positive multiple of 16")
+    if args.prompt and not 0 < args.ratio < 1:
+        raise SampleError("--ratio must be in (0, 1), e.g. 0.375")
+    check_sampling_flags(args)
     for p in args.prompt or []:
-        from pipeline import storage
-
         if not storage.exists(p):
-            parser_error(f"--prompt {p}: no such file")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return dev
+            raise SampleError(f"--prompt {p}: no such file")
+    check_out_dir(args.out)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from jpeglm.logs import setup_logging
 
-    def fail(msg: str):
-        print(f"jpeglm sample: error: {msg}", file=sys.stderr)
-        raise SystemExit(2)
-
-    _check_args(fail, args)
-    try:
-        device = _device(args.device)
-    except ValueError as e:
-        fail(str(e))
+    setup_logging()
+    _check_args(args)
+    device = device_of(args.device)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads) if device.type == "cpu" else None
+    from pipeline.repair import prompt_rows
+
+    if not os.path.exists(args.checkpoint) and "://" not in args.checkpoint:
+        raise SampleError(f"--checkpoint {args.checkpoint}: no such folder")
+    codec = checkpoint_codec(args.checkpoint)
+    if args.image_size:
+        codec = {**codec, "size": args.image_size}
+    if args.prompt:
+        try:
+            prompt_rows(args.ratio, codec["size"] // 16)  # before the model loads: that may take minutes
+        except ValueError as e:
+            raise SampleError(f"--ratio {args.ratio} at {codec['size']}x{codec['size']} pixels: {e}") from None
     try:
         loaded = load_checkpoint(args.checkpoint, device, dtype, args.tokenizer)
+        loaded.codec = codec
         summary = sample_to_folder(args, loaded, device)
-    except (SampleError, ValueError, FileNotFoundError) as e:
-        # ValueError: refusals of the loaders (trainer.pretrained, trainer.hf, pipeline.tokenizer) name the problem.
-        fail(str(e))
+    except (ValueError, FileNotFoundError) as e:
+        # Refusals of the loaders (trainer.pretrained, trainer.hf, pipeline.tokenizer) name the problem.
+        raise SampleError(str(e)) from None
     t = summary["timing"]
-    n_complete = sum(s["complete"] for s in summary["samples"])
-    print(f"{len(summary['samples'])} samples in {args.out}: {n_complete} complete JPEGs, "
+    endings = [s["ending"] for s in summary["samples"]]
+    print(f"{len(endings)} samples in {args.out}: {endings.count('complete')} complete, "
+          f"{endings.count('repaired')} repaired, {sum(e.startswith('cut') for e in endings)} cut at the token limit; "
           f"{t['new_tokens']} tokens at {t['tokens_per_s']:.1f} tokens/s, {t['images_per_min']:.2f} images/min "
-          f"({summary['device']}, {summary['dtype']}); grid: {os.path.join(args.out, 'grid.png')}")
+          f"({summary['device']}, {summary['dtype']}" + (f", threads {threads}" if threads else "") + ")")
+    print(f"grid: {os.path.join(args.out, 'grid.png')}")
     return 0
 
 
-def _prompt_jobs(args, tokenizer):
+def _prompt_jobs(args, tokenizer, codec: dict, limit: int):
     """[(label, prompt token ids incl. BOS, canonical body or None, prompt body or None)]."""
-    from pipeline import codec, storage
+    from pipeline import codec as jpeg, storage
+    from pipeline.repair import prompt_prefix
 
     if not args.prompt:
         return [(None, [tokenizer.bos_id], None, None)]
     jobs = []
     for p in args.prompt:
         try:
-            body = codec.canonicalize(storage.read_bytes(p))
-        except codec.CodecError as e:
+            body = jpeg.canonicalize(storage.read_bytes(p), codec["size"], codec["quality"])
+        except jpeg.CodecError as e:
             raise SampleError(f"--prompt {p}: {e}") from None
-        prefix = codec.prompt_prefix(body, args.ratio)
-        jobs.append((p, [tokenizer.bos_id] + tokenizer.encode(prefix), body, prefix))
+        prefix = prompt_prefix(body, args.ratio)
+        ids = [tokenizer.bos_id] + tokenizer.encode(prefix)
+        if len(ids) >= limit:
+            fits = largest_fitting_ratio(body, tokenizer, limit)
+            hint = (f"the largest --ratio that fits is {fits:.4g}" if fits else "not even one MCU row fits")
+            raise SampleError(f"--prompt {p} at --ratio {args.ratio} is {len(ids):,} tokens, not below the limit of "
+                              f"{limit:,} tokens per image (--max-tokens / the model's context): {hint}")
+        jobs.append((p, ids, body, prefix))
     return jobs
 
 
@@ -474,32 +365,30 @@ def sample_to_folder(args, loaded: LoadedModel, device: torch.device) -> dict:
     """Generate per `args` (the CLI flags) into args.out; returns the summary written to summary.json."""
     from tqdm import tqdm
 
-    from pipeline import codec
+    from evaluation.grids import ending_label, make_grid, square_rows
+    from pipeline import codec as jpeg
 
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok, codec = loaded.model, loaded.tokenizer, loaded.codec
     dtype = next(model.parameters()).dtype
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
     eoi = EOIDetector(tok.token_bytes())
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    max_total = min(args.max_tokens, model.cfg.max_seq_len)
-    if args.max_tokens > model.cfg.max_seq_len:
-        log.warning("--max-tokens %d exceeds the model's max_seq_len %d: images stop at %d tokens",
+    max_total = min(args.max_tokens or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    if args.max_tokens and args.max_tokens > model.cfg.max_seq_len:
+        log.warning("--max-tokens %d exceeds the model's context (max_seq_len %d): images stop at %d tokens",
                     args.max_tokens, model.cfg.max_seq_len, model.cfg.max_seq_len)
+    jobs = _prompt_jobs(args, tok, codec, max_total)
+    os.makedirs(args.out, exist_ok=True)
 
-    jobs = _prompt_jobs(args, tok)
     records: list[SampleRecord] = []
     grid_rows, grid_labels = [], []
     stats = GenerationStats()
     t_start = time.perf_counter()
     bar = tqdm(total=len(jobs) * args.num, desc="sampling", unit="img")
     for label, prompt_ids, body, prefix in jobs:
-        if len(prompt_ids) >= max_total:
-            raise SampleError(f"prompt {label} is {len(prompt_ids)} tokens, not below the limit of {max_total} "
-                              f"tokens per image (--max-tokens, max_seq_len)")
         row_images, row_labels = [], []
         if prefix is not None:
-            row_images.append(_render(codec.repair(prefix))[0])
+            row_images.append(render(prefix, codec)[0])
             row_labels.append(f"prompt {os.path.basename(label)}"[:40])
         remaining = args.num
         while remaining:
@@ -508,23 +397,23 @@ def sample_to_folder(args, loaded: LoadedModel, device: torch.device) -> dict:
             gens = generate(model, [prompt_ids] * b, max_total - len(prompt_ids), params, tok.eos_id, eoi, generator,
                             stats=stats, suppress_ids=[tok.unk_id])
             for g in gens:
-                i = len(records)
+                name = f"sample-{len(records):04d}"
                 body_out = tok.decode(prompt_ids + g.tokens)
-                jpeg = codec.repair(body_out)
-                image, complete, decoded = _render(jpeg)
-                name = f"sample-{i:04d}"
+                image, report = render(body_out, codec)
+                ending = ending_label(g.stop, report.complete, len(prompt_ids) + len(g.tokens))
                 with open(os.path.join(args.out, name + ".jpg"), "wb") as f:
-                    f.write(jpeg)
+                    f.write(report.jpeg)
                 image.save(os.path.join(args.out, name + ".png"))
-                records.append(SampleRecord(name + ".jpg", label, len(prompt_ids), len(g.tokens), g.stop, len(body_out),
-                                            hashlib.sha256(body_out).hexdigest(), len(jpeg), complete, decoded))
+                records.append(SampleRecord(name + ".jpg", label, len(prompt_ids), len(g.tokens), g.stop, ending,
+                                            len(body_out), hashlib.sha256(body_out).hexdigest(), len(report.jpeg),
+                                            report.complete, round(report.mcu_fraction, 4)))
                 row_images.append(image)
-                row_labels.append(f"{name} {g.stop}")
+                row_labels.append(f"{name[7:]}: {ending}")
             remaining -= b
             bar.update(b)
             bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}", steps=stats.steps - steps_before)
         if body is not None:
-            row_images.append(_render(codec.assemble(body))[0])
+            row_images.append(render(jpeg.assemble(body, codec["quality"]), codec)[0])
             row_labels.append("original")
         grid_rows.append(row_images)
         grid_labels.append(row_labels)
@@ -532,18 +421,17 @@ def sample_to_folder(args, loaded: LoadedModel, device: torch.device) -> dict:
     wall = time.perf_counter() - t_start
 
     if not args.prompt:  # unconditional: wrap the single row into a square-ish grid
-        flat, flat_labels = grid_rows[0], grid_labels[0]
-        cols = min(len(flat), max(1, math.ceil(math.sqrt(len(flat)))))
-        grid_rows = [flat[i : i + cols] for i in range(0, len(flat), cols)]
-        grid_labels = [flat_labels[i : i + cols] for i in range(0, len(flat), cols)]
+        grid_rows, grid_labels = square_rows(grid_rows[0]), square_rows(grid_labels[0])
     make_grid(grid_rows, grid_labels).save(os.path.join(args.out, "grid.png"))
 
     gen_s = stats.prefill_s + stats.decode_s
     summary = {
         "checkpoint": args.checkpoint,
         "checkpoint_kind": loaded.kind,
+        "codec": codec,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "sampling": asdict(params) | {"seed": args.seed, "batch": args.batch, "max_tokens": max_total},
         "prompts": args.prompt or [],
         "ratio": args.ratio if args.prompt else None,

@@ -137,6 +137,8 @@ class Context:
     attempt: int
     resumed_from: str | None
     peak: float | None
+    tokenizer: object  # pipeline.tokenizer.Tokenizer of the data
+    grid_bodies: list[bytes] | None  # validation images the sample grid completes; None: no grid (eval.sample_grid 0)
     stop: StopRequest = field(default_factory=StopRequest)
 
     def close(self) -> None:
@@ -257,11 +259,17 @@ def setup(plan: Plan) -> Context:
     peak = peak_tflops(device_name, cfg["log"]["peak_tflops"])
 
     logger = MetricsLogger(run_dir, rank == 0, t["max_steps"], start_step, cfg["log"]["tensorboard"])
+    grid_bodies = None
+    if cfg["eval"]["sample_grid"]:
+        from evaluation.during_training import validation_bodies
+
+        grid_bodies = validation_bodies(plan.manifest.root, cfg["eval"]["sample_grid"])
     ctx = Context(cfg=cfg, config_name=plan.config_name, run_dir=run_dir, manifest=plan.manifest, device=device,
                   rank=rank, world=world, gas=gas, engine=engine, model_cfg=model_cfg, stream=stream, val=val,
                   record=SampleRecord(run_dir, rank, world, attempt), logger=logger, byte_lengths=byte_lengths,
                   tokenizer_bytes=plan.tokenizer_bytes, start_step=start_step, attempt=attempt,
-                  resumed_from=os.path.join(point.root, point.load_tag(world)) if point else None, peak=peak)
+                  resumed_from=os.path.join(point.root, point.load_tag(world)) if point else None, peak=peak,
+                  tokenizer=plan.tokenizer, grid_bodies=grid_bodies)
     if rank == 0:
         write_run_files(run_dir, cfg, plan.tokenizer_bytes)
         _print_header(ctx, device_name)

@@ -35,5 +35,21 @@ def validate(ctx, step: int) -> dict:
     ctx.logger.log(rec, prefix="validation")
     ctx.logger.write(f"step {step}: validation loss {rec['loss']:.4f} ({rec['bits_per_byte']:.3f} bits/byte) "
                      f"on {rec['samples']} samples")
-    # Training-time samples (issue 11) go here: all ranks call e.g. sample_grid(ctx, step) after the loss.
+    if ctx.grid_bodies is not None:
+        sample_images(ctx, step)
     return rec
+
+
+def sample_images(ctx, step: int) -> None:
+    """What the model draws at this step: a grid of samples from BOS and completions of fixed validation images,
+    RUN/images/step-N.png and TensorBoard's "samples". Collective (every rank runs the same forward passes)."""
+    import time
+
+    from evaluation.during_training import sample_grid
+
+    t0 = time.perf_counter()
+    grid = sample_grid(ctx.engine.module, ctx.tokenizer, ctx.manifest.raw["codec"], ctx.grid_bodies, step,
+                       ctx.run_dir if ctx.rank == 0 else None)
+    ctx.logger.image("samples", grid, step)
+    ctx.logger.write(f"step {step}: samples in {ctx.run_dir}/images/step-{step:06d}.png "
+                     f"({time.perf_counter() - t0:.1f} s)")

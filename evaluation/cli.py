@@ -1,0 +1,90 @@
+"""`jpeglm eval`: is a model any good?
+
+    jpeglm eval fid REAL FAKE [--json PATH] [--inception PATH] [--num N]
+    jpeglm eval completion --checkpoint CKPT --data OUTPUT --ratios 0.25,0.375,0.5 --num N --out DIR
+    jpeglm eval unconditional --checkpoint CKPT --data OUTPUT --num N --out DIR
+
+`fid`: FID and KID between two image sets (folders of image files of any size, or `jpeglm preprocess` outputs,
+meaning their validation images); see evaluation/fid.py. `completion` and `unconditional`: sample with a
+checkpoint and measure the samples against validation images; see evaluation/completion.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from evaluation.fid import EvalError
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from evaluation import completion
+
+    sub = parser.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
+    fid = sub.add_parser("fid", help="FID and KID between two image sets",
+                         description="FID and KID between two image sets: folders of image files (any size; "
+                                     "resized to 299x299, bicubic) or jpeglm preprocess outputs (their validation "
+                                     "images).")
+    fid.add_argument("real", metavar="REAL", help="reference images: a folder or a preprocess output")
+    fid.add_argument("fake", metavar="FAKE", help="images to score: a folder or a preprocess output")
+    fid.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
+    fid.add_argument("--num", type=int, metavar="N",
+                     help="use N images of each set, spread evenly over it (default: all)")
+    add_inception_flags(fid)
+    completion.configure_parsers(sub)
+
+
+def add_inception_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inception", metavar="PATH",
+                        help="the FID Inception TorchScript file (default: .cache/fid-inception-2015-12-05.pt from "
+                             "`make eval-weights`, or $JPEGLM_INCEPTION)")
+    parser.add_argument("--feature-batch", type=int, default=16, metavar="B",
+                        help="images per Inception forward pass (default 16)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: the usable cores minus those other processes keep busy "
+                             "now, at least 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jpeglm.logs import setup_logging
+
+    setup_logging()
+    if args.eval_command == "fid":
+        return run_fid(args)
+    from evaluation import completion
+
+    return completion.run(args)
+
+
+def check_json_path(path: str | None) -> None:
+    if path and os.path.isdir(path):
+        raise EvalError(f"--json {path} is a folder: give a file path")
+
+
+def run_fid(args: argparse.Namespace) -> int:
+    from evaluation.fid import extract_features, fid_kid, load_inception
+    from evaluation.images import open_image_set
+    from trainer.sample import device_of, set_threads
+
+    check_json_path(args.json)
+    if args.num is not None and args.num < 2:
+        raise EvalError("--num must be at least 2 (FID needs a covariance)")
+    device = device_of(args.device)
+    set_threads(args.threads)
+    n_real, real_images = open_image_set(args.real, args.num)
+    n_fake, fake_images = open_image_set(args.fake, args.num)
+    net = load_inception(args.inception, str(device))
+    real = extract_features(net, (im for _, im in real_images), args.feature_batch, "REAL features", n_real)
+    fake = extract_features(net, (im for _, im in fake_images), args.feature_batch, "FAKE features", n_fake)
+    result = fid_kid(real, fake) | {"real": args.real, "fake": args.fake}
+    print(f"FID {result['fid']:.3f}   KID {result['kid']:.5f} +- {result['kid_std']:.5f}   "
+          f"({result['num_real']} real, {result['num_fake']} fake images; FID is biased upward below ~2,000 "
+          "images: compare only at equal N)")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0

@@ -1,0 +1,90 @@
+"""A small grid of samples while training: what the model draws at step N, next to the validation loss.
+
+    bodies = validation_bodies(data_uri, 3)                       # once, at setup: fixed validation images
+    grid = sample_grid(engine.module, tokenizer, codec, bodies, step, run_dir)   # on every rank, identically
+    tb.add_image("samples", grid, step, dataformats="HWC")        # rank 0
+
+The grid's first row holds `num_unconditional` images sampled from BOS; then one row per validation image:
+its prompt (the top `ratio` of its MCU rows), the model's completion, the original. Labels say how each sample
+ended. The same seed at every step, so consecutive grids differ by the model only. rank 0 writes
+RUN/images/step-NNNNNN.png.
+
+Distributed: under ZeRO-3 every forward pass gathers parameters across ranks, so every rank must call this with
+the same arguments and run the same forward passes: the sampled tokens are broadcast from rank 0 at each step, so
+all ranks decode the same tokens and stop together. It runs under torch.no_grad and puts the model back in the
+mode it found it in.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def validation_bodies(data_uri: str, num: int) -> list[bytes]:
+    """`num` canonical bodies spread over a preprocess output's validation split (empty if it has none)."""
+    from evaluation.fid import EvalError
+    from evaluation.images import validation_images
+
+    try:
+        return [v.body for v in validation_images(data_uri, num)]
+    except EvalError:
+        return []
+
+
+def sample_grid(model, tokenizer, codec: dict, bodies: list[bytes], step: int, run_dir: str | None,
+                num_unconditional: int = 4, ratio: float = 0.5, seed: int = 0, max_len: int | None = None
+                ) -> np.ndarray:
+    """Sample the grid (see the module docstring); returns it as an (H, W, 3) uint8 array."""
+    import torch
+    import torch.distributed as dist
+
+    from evaluation.grids import ending_label, make_grid
+    from pipeline.repair import decode_report, prompt_prefix
+    from trainer.generate import EOIDetector, SamplingParams, generate
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    device = next(model.parameters()).device
+    # Up to twice the longest validation image: an untrained model never closes its images.
+    longest = max((len(tokenizer.encode(b)) + 2 for b in bodies), default=model.cfg.max_seq_len)
+    max_len = min(max_len or 2 * longest, model.cfg.max_seq_len)
+    completions = [(b, p, [tokenizer.bos_id] + tokenizer.encode(p)) for b in bodies
+                   for p in [prompt_prefix(b, ratio)]]
+    completions = [c for c in completions if len(c[2]) < max_len]  # a prompt the context cannot hold is left out
+    prompts = [[tokenizer.bos_id]] * num_unconditional + [c[2] for c in completions]
+
+    def broadcast(ids: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(ids, src=0)
+        return ids
+
+    was_training = model.training
+    model.eval()
+    try:
+        gens = generate(model, prompts, max_len, SamplingParams(), tokenizer.eos_id,
+                        EOIDetector(tokenizer.token_bytes()), torch.Generator(device=device).manual_seed(seed),
+                        suppress_ids=[tokenizer.unk_id], sync_tokens=broadcast if distributed else None,
+                        max_len=max_len)
+    finally:
+        model.train(was_training)
+
+    def render(data: bytes):
+        return decode_report(data, codec["quality"], codec["size"])
+
+    samples = []
+    for prompt, g in zip(prompts, gens):
+        image, report = render(tokenizer.decode(prompt + g.tokens))
+        samples.append((image, ending_label(g.stop, report.complete, len(prompt) + len(g.tokens))))
+    rows = [[im for im, _ in samples[:num_unconditional]]]
+    labels = [[label for _, label in samples[:num_unconditional]]]
+    for (body, prefix, _), (image, label) in zip(completions, samples[num_unconditional:]):
+        rows.append([render(prefix)[0], image, render(body)[0]])
+        labels.append([f"prompt {ratio:g}", label, "original"])
+    rows, labels = [r for r in rows if r], [lab for lab in labels if lab]
+    grid = make_grid(rows, labels)
+    if rank == 0 and run_dir is not None:
+        folder = os.path.join(run_dir, "images")  # RUN/samples/ holds the loader's per-rank sample records
+        os.makedirs(folder, exist_ok=True)
+        grid.save(os.path.join(folder, f"step-{step:06d}.png"))
+    return np.asarray(grid)
