@@ -175,11 +175,11 @@ def test_sample_grid_during_training(dataset, random_export, tmp_path):
     assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
     # 3 rows (unconditional, then prompt | completion | original per image), 3 columns of 128-pixel cells + labels.
     assert grid.shape[:2] == (3 * (128 + 4 + 14) + 4, 3 * (128 + 4) + 4)
-    saved = np.asarray(Image.open(tmp_path / "samples" / "step-000007.png"))
+    saved = np.asarray(Image.open(tmp_path / "images" / "step-000007.png"))
     assert np.array_equal(saved, grid)
     again = sample_grid(model, dataset["tokenizer"], meta["codec"], bodies, 8, None, num_unconditional=3, max_len=600)
     assert np.array_equal(again, grid)  # the same seed at every step: grids differ by the model only
-    assert not (tmp_path / "samples" / "step-000008.png").exists()
+    assert not (tmp_path / "images" / "step-000008.png").exists()
 
 
 @pytest.mark.slow
@@ -197,5 +197,5 @@ def test_sample_grid_under_zero3_on_two_ranks(dataset, random_export, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0]["sha256"] == results[1]["sha256"] and results[0]["partitioned"]
-    assert (tmp_path / "samples" / "step-000003.png").exists()
-    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-000003.png"]
+    assert (tmp_path / "images" / "step-000003.png").exists()
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["step-000003.png"]

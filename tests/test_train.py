@@ -165,15 +165,33 @@ def test_metrics_formulas_and_sinks(tmp_path):
     for step in (1, 2, 2, 3):  # step 2 twice: a resumed run replays steps after its checkpoint
         logger.log({"step": step, "loss": float(step) * (1.5 if step == 2 else 1)})
     logger.log({"step": 3, "loss": 0.5}, prefix="validation")
+    logger.image("samples", np.full((20, 30, 3), 200, dtype=np.uint8), 3)
     logger.close()
     records = metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
     assert [(r["kind"], r["step"], r["loss"]) for r in records] == [
         ("train", 1, 1.0), ("train", 2, 3.0), ("train", 3, 3.0), ("validation", 3, 0.5)]
     events = os.listdir(tmp_path / "tensorboard")
     assert len(events) == 1 and os.path.getsize(tmp_path / "tensorboard" / events[0]) > 0
+    images = [v for e in _tensorboard_events(tmp_path / "tensorboard" / events[0]) for v in e.summary.value
+              if v.HasField("image")]
+    assert [(v.tag, v.image.width, v.image.height) for v in images] == [("samples", 30, 20)]
     quiet = metrics.MetricsLogger(str(tmp_path / "rank1"), enabled=False, total_steps=3, initial_step=0)
     quiet.log({"step": 1, "loss": 1.0})
     assert not (tmp_path / "rank1").exists()
+
+
+def _tensorboard_events(path):
+    """The Event protos of an event file, as TensorBoard reads them (TFRecord: length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, pos, out = open(path, "rb").read(), 0, []
+    while pos < len(data):
+        (n,) = struct.unpack_from("<Q", data, pos)
+        out.append(Event.FromString(data[pos + 12 : pos + 12 + n]))
+        pos += 12 + n + 4
+    return out
 
 
 def test_line_plot_draws_each_series(tmp_path):

@@ -201,15 +201,17 @@ def preempted(uneven, tmp_path_factory) -> tuple[str, int, str, int]:
 
 def test_zero3_init_really_initializes_the_weights(uneven, tmp_path):
     """Weights built under deepspeed.zero.Init (partitioned over 2 ranks) are the model's own initialization:
-    identical to a plain Transformer built with the same seed, not zeros or DeepSpeed's empty partitions."""
+    identical to a plain Transformer built with the same seed, not zeros or DeepSpeed's empty partitions. The
+    evaluation at the end also draws its grid of samples on both ranks (eval.sample_grid) into RUN/images/."""
     import torch
 
     from trainer.ds_config import load_config
     from trainer.model import ModelConfig, Transformer
 
     run_dir = str(tmp_path / "init")
-    overrides = [*SMALL, "train.max_steps=0", "model.init_std=0.03", "eval.max_samples=8"]
+    overrides = [*SMALL, "train.max_steps=0", "model.init_std=0.03", "eval.max_samples=8", "eval.sample_grid=1"]
     run_to_end(torchrun(2, uneven, run_dir, *overrides))
+    assert os.listdir(os.path.join(run_dir, "images")) == ["step-000000.png"]
     weights = final_weights(run_dir)
     cfg = load_config("tiny", overrides)
     torch.manual_seed(cfg["train"]["seed"])

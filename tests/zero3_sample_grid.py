@@ -17,7 +17,7 @@ def main(data: str, exported: str, out: str) -> int:
     from evaluation.during_training import sample_grid, validation_bodies
     from pipeline.tokenizer import Tokenizer
     from trainer.pretrained import load_pretrained
-    from trainer.train import init_deepspeed
+    from trainer.distributed import init_deepspeed
 
     torch.set_num_threads(1)
     init_deepspeed("cpu")
