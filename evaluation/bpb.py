@@ -25,32 +25,29 @@ def validation_bits_per_byte(model, tokenizer, uri: str, manifest: dict, max_tok
     """{"bits_per_byte", "loss" (nats/token), "tokens", "bytes", "window"} over the first `max_tokens` predicted
     tokens of the split."""
     import torch
-    import torch.nn.functional as F
 
-    from trainer.data import IGNORE_INDEX
+    from trainer.data import batch_arrays
+    from trainer.loss import loss_and_counts
 
     device = next(model.parameters()).device
     row_len = int(manifest["seq_len"])
     window = context_window(row_len, model.cfg.max_seq_len)
     byte_len = torch.tensor([len(b) for b in tokenizer.token_bytes()], dtype=torch.float64, device=device)
     loss_sum, tokens, n_bytes = 0.0, 0, 0.0
-    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    pending: list = []  # window slices (trainer.data.window_slice)
 
     def flush():
         nonlocal loss_sum, tokens, n_bytes
-        inputs = torch.from_numpy(np.stack([p[0] for p in pending])).to(device)
-        targets = torch.from_numpy(np.stack([p[1] for p in pending])).to(device)
+        inputs, targets = (torch.from_numpy(a).to(device) for a in batch_arrays(pending, window))
         with torch.no_grad():
-            logits = model(inputs)
-        loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                          ignore_index=IGNORE_INDEX, reduction="sum"))
-        valid = targets != IGNORE_INDEX
-        tokens += int(valid.sum())
-        n_bytes += float(byte_len[targets.clamp(min=0)][valid].sum())
+            _, counts = loss_and_counts(model(inputs), targets, byte_len)  # the trainer's own objective and counts
+        loss_sum += float(counts[0])
+        tokens += int(counts[1])
+        n_bytes += float(counts[2])
         pending.clear()
 
-    for inputs, targets in _windows(uri, manifest, split, window):
-        pending.append((inputs, targets))
+    for piece in _windows(uri, manifest, split, window):
+        pending.append(piece)
         if len(pending) == batch:
             flush()
             if tokens >= max_tokens:
@@ -63,15 +60,16 @@ def validation_bits_per_byte(model, tokenizer, uri: str, manifest: dict, max_tok
 
 
 def _windows(uri: str, manifest: dict, split: str, window: int):
-    """(inputs, targets) of every window of the split's rows, in order, skipping windows with nothing to predict."""
+    """trainer.data.window_slice of every window of the split's rows, in order, skipping windows with nothing to
+    predict."""
     from pipeline import storage
     from pipeline.shards import read_samples
-    from trainer.data import IGNORE_INDEX, window_arrays
+    from trainer.data import window_slice
 
     row_len = int(manifest["seq_len"])
     for shard in sorted((s for s in manifest["shards"] if s["split"] == split), key=lambda s: s["first_row"]):
         for _, row, meta in read_samples(storage.join(uri, shard["path"])):
             for w in range(row_len // window):
-                inputs, targets = window_arrays(row, int(meta["valid_tokens"]), w, window)
-                if (targets != IGNORE_INDEX).any():
-                    yield inputs, targets
+                piece = window_slice(row, int(meta["valid_tokens"]), w, window)
+                if piece[1] > 0:
+                    yield piece
