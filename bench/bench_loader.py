@@ -135,12 +135,14 @@ def s3_client_through(endpoint: str):
     """This process's S3 client talks to `endpoint` (pipeline.storage keeps one client per process)."""
     from pipeline import storage
 
-    saved = storage._S3_FS, os.environ["AWS_ENDPOINT_URL"]
-    storage._S3_FS, os.environ["AWS_ENDPOINT_URL"] = None, endpoint
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    storage.reset_s3()
     try:
         yield
     finally:
-        storage._S3_FS, os.environ["AWS_ENDPOINT_URL"] = saved
+        os.environ["AWS_ENDPOINT_URL"] = saved
+        storage.reset_s3()
 
 
 def epochs_of_rank(root: str, rank: int, world: int, epochs: int) -> dict:
@@ -174,7 +176,8 @@ def summarize(ranks: list[dict]) -> dict:
 
 
 def amplification(tmp: str, args) -> dict:
-    from helpers import S3Proxy, write_dataset
+    from helpers import write_dataset
+    from jpeglm.devtools.s3proxy import S3Proxy
 
     world = 8
     layout = {"train": [args.small_shard_rows] * 8, "validation": [1]}
@@ -194,10 +197,10 @@ def amplification(tmp: str, args) -> dict:
             with S3Proxy(endpoint, delay_s=args.s3_latency_ms / 1000) as proxy, s3_client_through(proxy.endpoint):
                 ranks = []
                 for r in range(world):
-                    before, before_bytes = proxy.methods.copy(), proxy.get_bytes
+                    proxy.reset_stats()
                     rec = epochs_of_rank(root, r, world, args.epochs)
-                    rec["proxy_requests"] = dict(proxy.methods - before)
-                    rec["proxy_get_bytes"] = proxy.get_bytes - before_bytes
+                    served = proxy.stats()
+                    rec["proxy_requests"], rec["proxy_get_bytes"] = served["by_method"], served["response_bytes"]
                     ranks.append(rec)
             out["s3"][name] = summarize(ranks)
             print(f"amplification: s3 {name}: {out['s3'][name]['amplification_max']} (max over ranks), "
