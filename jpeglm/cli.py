@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         # Commands that can resume say how themselves (and return 130); this is the fallback: no traceback.
         print(f"\njpeglm {args.command}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:
+        # `jpeglm inspect ... | head`: the reader left; stop quietly, as cat does (Python docs, signal / SIGPIPE).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
             _print_images(out.images(limit=args.failed, failed_only=True), empty="no failed images")
         if args.verify:
             bad = out.verify()
-            print(f"\nverify: {len(out.manifest['shards']) - len(bad)} of {len(out.manifest['shards'])} shards match")
+            from pipeline.stats import plural
+
+            shards = len(out.manifest["shards"])
+            print(f"\nverify: {shards - len(bad):,} of {plural(shards, 'shard')} match")
             for line in bad:
                 print(f"  MISMATCH {line}")
             if bad:
@@ -106,20 +109,21 @@ class Output:
         self.summary = json.loads(storage.read_bytes(summary_uri)) if storage.exists(summary_uri) else None
 
     def describe(self) -> str:
-        from pipeline.stats import format_summary
+        from pipeline.stats import format_summary, plural
 
         m = self.manifest
         tok = m["tokenizer"]
         lines = [
             f"{self.uri}: {m['format']} v{m['format_version']}, seq_len {m['seq_len']}, tokens {m['token_dtype']}",
             f"tokenizer: {tok['path']} vocab {tok['vocab_size']}, bos {tok['bos_id']}, eos {tok['eos_id']}, "
-            f"fingerprint {tok['fingerprint'][:16]}",
+            f"fingerprint {tok['fingerprint'][:12]}",
             f"codec: {m['codec']['size']}x{m['codec']['size']} q{m['codec']['quality']} {m['codec']['subsampling']}, "
             f"RST every {m['codec']['restart_interval_mcus']} MCU; last row: {m['last_row_policy']}",
         ]
         for split, t in m["totals"].items():
             shards = [s for s in m["shards"] if s["split"] == split]
-            lines.append(f"{split}: {t['images']:,} images, {t['rows']:,} rows, {len(shards)} shards "
+            lines.append(f"{split}: {plural(t['images'], 'image')}, {plural(t['rows'], 'row')}, "
+                         f"{plural(len(shards), 'shard')} "
                          f"({sum(s['bytes'] for s in shards) / 1e6:,.1f} MB), padding {t['padding_tokens']:,} tokens, "
                          f"dropped {t['dropped_tokens']:,}")
         if self.summary:
