@@ -77,6 +77,16 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `jpeglm ... | head`: the reader left; stop quietly as cat does (Python docs, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected if selected in SUBCOMMANDS else None)
@@ -93,11 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         # Commands that can resume say how themselves (and return 130); this is the fallback: no traceback.
         print(f"\njpeglm {args.command}: interrupted", file=sys.stderr, flush=True)
         return 130
-    except BrokenPipeError:
-        # `jpeglm inspect ... | head`: the reader left; stop quietly, as cat does (Python docs, signal / SIGPIPE).
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141
 
 
 if __name__ == "__main__":

@@ -133,3 +133,4 @@ def test_export_of_a_folder_without_checkpoints(tmp_path):
 
 def test_checkpoint_convert_of_a_file(a_file):
     assert_refused(jpeglm("checkpoint", "convert", a_file, "--world-size", "2"), str(a_file), "not a folder")
+

@@ -269,6 +269,16 @@ def test_local_end_to_end(clean_local, mixed_inputs, tmp_path, capsys):
     assert "not in the shards: empty" in capsys.readouterr().err
 
 
+def test_inspect_into_a_closed_pipe_ends_quietly(clean_local):
+    """`jpeglm inspect OUT --list 1000 | head`: the reader has left before anything is written; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "jpeglm", "inspect", clean_local, "--list", "1000"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has started: the first print meets a closed pipe
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 def test_s3_end_to_end_gives_the_same_shards(clean_local, mixed_inputs, s3_bucket, tmp_path):
     root, expected = mixed_inputs
     for path in sorted(root.rglob("*")):
