@@ -199,11 +199,11 @@ def threads_check(args) -> dict:
     import subprocess
 
     from trainer.model import Transformer
-    from trainer.sample import default_threads
+    from trainer.sample import default_threads, usable_cores
 
     torch.manual_seed(0)
     model = Transformer(preset_model_config("tiny")).eval()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = len(usable_cores())
     counts = sorted({1, cores})
     before = torch.get_num_threads()
 

@@ -543,19 +543,22 @@ def test_thread_default_leaves_the_cores_other_processes_use(monkeypatch):
 
     from trainer import sample
 
-    cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(sample, "busy_cores", lambda: 0.2)
+    cores = len(sample.usable_cores())
+    monkeypatch.setattr(sample, "busy_cores", lambda cores: 0.2)
     assert sample.default_threads() == cores  # a quiet machine: every usable core
-    monkeypatch.setattr(sample, "busy_cores", lambda: cores + 3.0)
+    monkeypatch.setattr(sample, "busy_cores", lambda cores: len(cores) + 3.0)
     assert sample.default_threads() == 1  # busy: one thread, which cannot wait on a descheduled sibling
-    monkeypatch.setattr(sample, "busy_cores", lambda: cores - 1.0)
+    monkeypatch.setattr(sample, "busy_cores", lambda cores: len(cores) - 1.0)
     assert sample.default_threads() == 1
     monkeypatch.undo()
-    # A real busy process is seen within the measurement interval (a load average would take a minute).
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # A real busy process is seen within the measurement interval (a load average would take a minute), on the core
+    # it runs on; the figure counts only the cores asked about (a pinned rank ignores the rest of the machine).
+    first = sample.usable_cores()[0]
+    busy = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{first}}})\nwhile True: pass"])
     try:
         time.sleep(0.5)
-        assert sample.busy_cores() >= 0.5
+        assert 0.5 <= sample.busy_cores([first]) <= 1.0
+        assert sample.busy_cores(sample.usable_cores()) >= 0.5
     finally:
         busy.kill()
         busy.wait()

@@ -43,31 +43,48 @@ class SampleError(UserError):
 # ---------------------------------------------------------------------------------------------- threads
 
 
+def usable_cores() -> list[int]:
+    """The CPUs this process may run on (its affinity: a GPU node's launcher often pins a rank to a few cores)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def default_threads() -> int:
     """torch CPU threads when --threads is not given: the cores this process may run on minus the cores other
     processes keep busy right now (busy_cores()), at least 1. OpenMP threads wait for each other at the end of every
     operation, so a thread that shares its core with a busy process stalls all of them: with one other busy process
     on 2 cores, 2 threads decoded 3.5x slower than 1 (bench/results/sample-threads.json)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, round(cores - busy_cores())))
+    cores = usable_cores()
+    return max(1, min(len(cores), round(len(cores) - busy_cores(cores))))
 
 
-def busy_cores(interval: float = 0.25) -> float:
-    """How many cores other processes use now: the machine's non-idle CPU time over `interval` seconds (Linux
-    /proc/stat; we are idle meanwhile); elsewhere the 1-minute load average."""
+def busy_cores(cores: list[int], interval: float = 0.25) -> float:
+    """How many of `cores` other processes use now: their non-idle CPU time over `interval` seconds (Linux
+    /proc/stat, the per-CPU lines of those cores only: on a pinned node the rest of the machine does not matter; we
+    are idle meanwhile); elsewhere the 1-minute load average, capped at len(cores)."""
+    wanted = {f"cpu{c}" for c in cores}
+
     def sample() -> tuple[int, int]:
+        total = idle = 0
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+            for line in f:
+                name, *values = line.split()
+                if name in wanted:
+                    fields = [int(v) for v in values]
+                    total, idle = total + sum(fields), idle + fields[3] + fields[4]  # idle + iowait
+        if total == 0:
+            raise ValueError("no per-CPU lines for these cores")
+        return total, idle
 
     try:
         t0, idle0 = sample()
         time.sleep(interval)
         t1, idle1 = sample()
-        return (1 - (idle1 - idle0) / max(1, t1 - t0)) * (os.cpu_count() or 1)
+        return (1 - (idle1 - idle0) / max(1, t1 - t0)) * len(cores)
     except (OSError, ValueError, IndexError):
         try:
-            return os.getloadavg()[0]
+            return min(float(len(cores)), os.getloadavg()[0])
         except OSError:
             return 0.0
 
