@@ -102,7 +102,11 @@ def _run_checks(nodes: list[dict], checks: list[dict], timeout_s: float) -> None
                                f"{timeout_s:.0f} s; is it overloaded or unreachable?")
     for ref in ready:
         node = refs[ref]
-        problem = ray.get(ref)
+        try:
+            problem = ray.get(ref)
+        except ray.exceptions.RayError as e:  # the node died after ray.nodes(), or its worker failed
+            raise ClusterPathError(f"{_node_name(node)} failed the check of the job's local paths: "
+                                   f"{str(e).strip().splitlines()[-1]}") from None
         if problem is None and (output := next((c for c in checks if c["kind"] == "output"), None)):
             if not os.path.exists(_reply_path(output["probe"], node["NodeID"])):
                 problem = f"output {output['path']} (the driver does not see the file the node wrote there)"
@@ -118,7 +122,10 @@ def probe_paths(checks: list[dict], node_id: str) -> str | None:
                 what = "missing on the node" if check["file"] == check["path"] else \
                     f"no {os.path.relpath(check['file'], check['path'])} in it on the node"
                 return f"input {check['path']} ({what})"
-            size = os.path.getsize(check["file"]) if check["size"] is not None else None
+            try:
+                size = os.path.getsize(check["file"]) if check["size"] is not None else None
+            except OSError as e:
+                return f"input {check['path']} ({check['file']}: {e.strerror} on the node)"
             if size != check["size"]:
                 return f"input {check['path']} ({check['file']}: {size} bytes on the node, {check['size']} on the driver)"
         else:

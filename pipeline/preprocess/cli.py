@@ -75,7 +75,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     io_.add_argument("--overwrite", action="store_true",
                      help="replace an existing output made with another config or tokenizer (default: refuse)")
     io_.add_argument("--keep-work", action="store_true",
-                     help="keep OUTPUT/_work (work units, per-unit token streams) after success")
+                     help="keep OUTPUT/_work (work units, encoded unit files, bucket streams) after success")
 
     tok = parser.add_argument_group("tokenizer")
     tok.add_argument("--tokenizer", default=None, metavar="PATH",

@@ -213,8 +213,6 @@ class Job:
             storage.write_bytes(self.layout.tokenizer_json, pretty_json(meta))
             log.info("tokenizer: %s copied from %s", tok.fingerprint[:12], self.tokenizer_source)
             return tok.fingerprint, meta
-        import ray
-
         size = self.config["codec"]["size"]
         chosen, take = bpe_sample_plan(unit_sizes, self.config["bpe_sample"])
         t0 = time.perf_counter()
@@ -227,7 +225,8 @@ class Job:
             raise PreprocessError("no image of the BPE sample could be canonicalized: check the inputs "
                                   "(see OUTPUT/stats after an encode, or pass --tokenizer)")
         fit = executor.remote(fit_tokenizer_task, fit_memory(n, size))
-        meta = ray.get(fit.remote(self.output, chosen, self.config["vocab_size"]))
+        [(_, meta)] = executor.run_bounded([(0, lambda: fit.remote(self.output, chosen, self.config["vocab_size"]))],
+                                           1, 1, "BPE fit")
         log.info("tokenizer: fitted on %s from %s in %.1f s (fingerprint %s)", plural(n, "image"),
                  plural(len(chosen), "unit"), time.perf_counter() - t0, meta["fingerprint"][:12])
         return meta["fingerprint"], meta
