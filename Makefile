@@ -111,7 +111,9 @@ bench-train: setup
 	$(BIN)/python bench/bench_loader.py --out bench/results/loader.json
 
 bench-sample: setup
-	$(BIN)/python bench/bench_sample.py --out bench/results/sample.json
+	$(BIN)/python bench/bench_sample.py --out bench/results/sample.json --full-image
+	$(BIN)/python bench/bench_sample.py --out bench/results/sample-threads.json --presets '' --threads-check \
+	    --repeat 3 --new-tokens 128 --tokens-per-image 64
 
 bench-eval: setup eval-weights
 	@test -f $(DEMO_OUT)/run/summary.json || $(MAKE) demo

@@ -211,29 +211,33 @@ def ray_passes(args, paths: list[str], subset: list[str], tokenizer, tok_path: s
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     cpus = int(ray.cluster_resources()["CPU"])
     passes = []
-    for r in range(args.repeat):
-        print(f"pass {r + 1}/{args.repeat}: per-core rate on {len(subset)} images (one core, no Ray) ...", flush=True)
-        base = baseline_rate(subset, tokenizer)
-        out_dir = os.path.join(work, f"ray-job-{r}")
-        job_args = ["preprocess", "--input", args.images_dir, "--output", out_dir, "--tokenizer", tok_path,
-                    "--keep-work"]
-        if args.images_per_unit:
-            job_args += ["--images-per-unit", str(args.images_per_unit)]
-        print(f"pass {r + 1}/{args.repeat}: {len(paths)} images on {cpus} CPUs: jpeglm {' '.join(job_args)}",
-              flush=True)
-        start = time.perf_counter()
-        assert cli.main(job_args) == 0
-        seconds = time.perf_counter() - start
-        with open(os.path.join(out_dir, "summary.json")) as f:
-            summary = json.load(f)
-        rate = len(paths) / seconds
-        passes.append({"baseline_images_per_s": base["images_per_s"], "job_seconds": round(seconds, 2),
-                       "job_images_per_s": round(rate, 1), "phase_seconds": summary["phase_seconds"],
-                       "efficiency": round(rate / (base["images_per_s"] * cpus), 3),
-                       "limits": ray_limits(out_dir, seconds, summary["phase_seconds"], len(paths),
-                                            base["images_per_s"], cpus)})
-        shutil.rmtree(out_dir)
-    ray.shutdown()
+    try:
+        for r in range(args.repeat):
+            print(f"pass {r + 1}/{args.repeat}: per-core rate on {len(subset)} images (one core, no Ray) ...",
+                  flush=True)
+            base = baseline_rate(subset, tokenizer)
+            out_dir = os.path.join(work, f"ray-job-{r}")
+            job_args = ["preprocess", "--input", args.images_dir, "--output", out_dir, "--tokenizer", tok_path,
+                        "--keep-work"]
+            if args.images_per_unit:
+                job_args += ["--images-per-unit", str(args.images_per_unit)]
+            print(f"pass {r + 1}/{args.repeat}: {len(paths)} images on {cpus} CPUs: jpeglm {' '.join(job_args)}",
+                  flush=True)
+            start = time.perf_counter()
+            if cli.main(job_args) != 0:
+                raise RuntimeError(f"jpeglm {' '.join(job_args)} failed")
+            seconds = time.perf_counter() - start
+            with open(os.path.join(out_dir, "summary.json")) as f:
+                summary = json.load(f)
+            rate = len(paths) / seconds
+            passes.append({"baseline_images_per_s": base["images_per_s"], "job_seconds": round(seconds, 2),
+                           "job_images_per_s": round(rate, 1), "phase_seconds": summary["phase_seconds"],
+                           "efficiency": round(rate / (base["images_per_s"] * cpus), 3),
+                           "limits": ray_limits(out_dir, seconds, summary["phase_seconds"], len(paths),
+                                                base["images_per_s"], cpus)})
+            shutil.rmtree(out_dir)
+    finally:
+        ray.shutdown()
     median = sorted(passes, key=lambda p: p["efficiency"])[len(passes) // 2]
     return {"cpus": cpus, "efficiency": median["efficiency"],
             "efficiency_spread": [min(p["efficiency"] for p in passes), max(p["efficiency"] for p in passes)],

@@ -4,8 +4,9 @@
 
 as in training (trainer/metrics.py): BOS and EOS spell no bytes but their loss counts; 8 means no compression.
 The split's rows are read in order and cut into windows of the largest divisor of the row length that fits the
-model's context (trainer.data.window_arrays: the same targets and masking as the trainer's validation), up to
-`max_tokens` predicted tokens.
+model's context, through the trainer's own `trainer.data.window_slice` / `batch_arrays` and
+`trainer.loss.loss_and_counts` (the same targets, masking and byte counts as its validation), up to `max_tokens`
+predicted tokens.
 """
 
 from __future__ import annotations

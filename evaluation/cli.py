@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from jpeglm.logs import setup_logging
 
     setup_logging()
+    if args.feature_batch < 1:  # 0 would never flush a batch: every 299x299 input would pile up in memory
+        raise EvalError(f"--feature-batch must be >= 1, got {args.feature_batch}")
     if args.eval_command == "fid":
         return run_fid(args)
     from evaluation import completion
@@ -64,17 +66,22 @@ def check_json_path(path: str | None) -> None:
 
 
 def run_fid(args: argparse.Namespace) -> int:
-    from evaluation.fid import extract_features, fid_kid, load_inception
+    from evaluation.fid import check_inception_file, default_inception_path, extract_features, fid_kid, load_inception
     from evaluation.images import open_image_set
     from trainer.sample import device_of, set_threads
 
     check_json_path(args.json)
     if args.num is not None and args.num < 2:
         raise EvalError("--num must be at least 2 (FID needs a covariance)")
+    check_inception_file(args.inception or default_inception_path())  # before reading any image
     device = device_of(args.device)
     set_threads(args.threads)
     n_real, real_images = open_image_set(args.real, args.num)
     n_fake, fake_images = open_image_set(args.fake, args.num)
+    for uri, n in ((args.real, n_real), (args.fake, n_fake)):
+        if n < 2:
+            raise EvalError(f"{uri} holds {n} image{'s' * (n != 1)}; FID and KID need at least 2 per set "
+                            "(a few hundred for a meaningful figure)")
     net = load_inception(args.inception, str(device))
     real = extract_features(net, (im for _, im in real_images), args.feature_batch, "REAL features", n_real)
     fake = extract_features(net, (im for _, im in fake_images), args.feature_batch, "FAKE features", n_fake)

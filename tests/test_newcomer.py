@@ -134,3 +134,18 @@ def test_export_of_a_folder_without_checkpoints(tmp_path):
 def test_checkpoint_convert_of_a_file(a_file):
     assert_refused(jpeglm("checkpoint", "convert", a_file, "--world-size", "2"), str(a_file), "not a folder")
 
+
+
+# -- eval ------------------------------------------------------------------------------------------------------
+
+
+def test_eval_fid_of_a_single_image_says_how_many_it_needs(photos):
+    assert_refused(jpeglm("eval", "fid", photos, photos), "holds 1 image", "at least 2")
+
+
+def test_eval_feature_batch_zero_is_refused(photos):
+    assert_refused(jpeglm("eval", "fid", photos, photos, "--feature-batch", "0"), "--feature-batch must be >= 1")
+
+
+def test_eval_fid_of_a_missing_folder_names_it(photos, tmp_path):
+    assert_refused(jpeglm("eval", "fid", photos, tmp_path / "nothing-here"), "nothing-here", "no such folder")

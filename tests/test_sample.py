@@ -554,7 +554,8 @@ def test_thread_default_leaves_the_cores_other_processes_use(monkeypatch):
     # A real busy process is seen within the measurement interval (a load average would take a minute), on the core
     # it runs on; the figure counts only the cores asked about (a pinned rank ignores the rest of the machine).
     first = sample.usable_cores()[0]
-    busy = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{first}}})\nwhile True: pass"])
+    spin = f"import os; os.sched_setaffinity(0, {{{first}}})\nwhile True: pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
     try:
         time.sleep(0.5)
         assert 0.5 <= sample.busy_cores([first]) <= 1.0
