@@ -377,14 +377,18 @@ def _identity(args) -> dict:
 
 def _load_result(args, ctx: Context) -> dict:
     """eval.json of DIR if it holds this checkpoint's evaluation on the same images (its sections are kept and
-    the one computed now replaces its own), else a fresh one."""
+    the one computed now replaces its own), else a fresh one. A run dir is identified by the checkpoint it
+    resolved to, so a run trained further is never mixed with its earlier figures (bits per byte included)."""
     path = os.path.join(args.out, "eval.json")
-    identity = _identity(args) | {"codec": ctx.loaded.codec, "max_tokens": ctx.max_len}
+    identity = _identity(args) | {"revision": ctx.loaded.revision, "codec": ctx.loaded.codec,
+                                  "max_tokens": ctx.max_len}
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if all(old.get(k) == v for k, v in identity.items()):
+        differs = [k for k, v in identity.items() if old.get(k) != v]
+        if not differs:
             return old
+        log.warning("%s holds an evaluation with another %s: replacing it", path, ", ".join(differs))
     return dict(identity)
 
 

@@ -513,6 +513,8 @@ def test_training_run_dir_as_checkpoint(overfit_checkpoint, tmp_path):
     assert _sample("--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "from-hf"), *args) == 0
     from_run, from_hf = _summary(tmp_path / "from-run"), _summary(tmp_path / "from-hf")
     assert (from_run["checkpoint_kind"], from_hf["checkpoint_kind"]) == ("training-run", "huggingface")
+    # A run dir is identified by the checkpoint it resolved to (eval.json never mixes two steps of one run).
+    assert (from_run["checkpoint_revision"], from_hf["checkpoint_revision"]) == ("global_step2 (step 2)", None)
     assert [s["body_sha256"] for s in from_run["samples"]] == [s["body_sha256"] for s in from_hf["samples"]]
 
 

@@ -106,6 +106,7 @@ class LoadedModel:
     kind: str  # "jpeglm", "huggingface" or "training-run"
     source: str
     codec: dict = field(default_factory=lambda: {"size": 256, "quality": 25})  # trainer.pretrained.codec_params
+    revision: str | None = None  # a training run's resolved checkpoint (a run dir's latest moves as it trains)
 
 
 def read_checkpoint_config(uri: str) -> dict | None:
@@ -146,6 +147,7 @@ def load_checkpoint(
     if not storage.exists(uri):
         raise SampleError(f"--checkpoint {uri}: no such folder")
     config = read_checkpoint_config(uri)
+    revision = None
     with contextlib.ExitStack() as stack:
         if config is not None and config.get("format") == pretrained.FORMAT:
             kind = "jpeglm"
@@ -168,6 +170,7 @@ def load_checkpoint(
                                   f"cannot be read here ({e})") from None
             state, cfg, tok_path, meta = consolidate(uri)  # quiet: DeepSpeed's print-out only if it fails
             tok_meta, codec = meta.get("tokenizer") or {}, pretrained.run_codec(meta)
+            revision = f"{os.path.basename(os.path.normpath(meta['checkpoint']))} (step {meta['step']})"
             with torch.device("meta"):
                 model = Transformer(cfg)
             model.load_state_dict(state, strict=True, assign=True)
@@ -187,7 +190,7 @@ def load_checkpoint(
     model = model.to(device=device, dtype=dtype).eval()
     if tokenizer.vocab_size != model.cfg.vocab_size:
         raise SampleError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {model.cfg.vocab_size}")
-    return LoadedModel(model, tokenizer, kind, uri, codec)
+    return LoadedModel(model, tokenizer, kind, uri, codec, revision)
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -445,6 +448,7 @@ def sample_to_folder(args, loaded: LoadedModel, device: torch.device) -> dict:
     summary = {
         "checkpoint": args.checkpoint,
         "checkpoint_kind": loaded.kind,
+        "checkpoint_revision": loaded.revision,
         "codec": codec,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
