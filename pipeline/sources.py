@@ -180,13 +180,6 @@ class ParquetLayout:
     leaves: list[str]  # the leaf columns read: [column] or [column.bytes, column.path]
 
 
-def parquet_layout(uri: str | os.PathLike, image_column: str | None) -> tuple[int, str, str]:
-    """(rows, column, mode) of a Parquet input, from its footer only. mode: "struct" (a Hugging Face image struct
-    {bytes, path}), "bytes" (a binary column) or "path" (a string column of paths/URIs)."""
-    layout = _parquet_layout(os.fspath(uri), image_column)
-    return layout.rows, layout.column, layout.mode
-
-
 def _parquet_layout(uri: str, image_column: str | None) -> ParquetLayout:
     import pyarrow.parquet as pq
 
