@@ -166,6 +166,19 @@ def plan_units(inputs: list[Input], images_per_unit: int, image_column: str | No
             raise InputError(f"input {inp.uri} holds no images, tars or Parquet files")
 
 
+def check_holds_images(inp: Input, image_column: str | None = None) -> None:
+    """Raise InputError unless the input holds an image file, a tar, or a Parquet file with rows and a usable image
+    column: walks only to the first one and reads only a Parquet footer (planning indexes the pages later)."""
+    suffixes = image_suffixes()
+    for uri, rel in _walk(inp):
+        kind = kind_of(rel, suffixes)
+        if kind in ("image", "tar"):
+            return
+        if kind == "parquet" and not _is_img2dataset_metadata(uri) and _parquet_layout(uri, image_column).rows:
+            return
+    raise InputError(f"input {inp.uri} holds no images, tars or Parquet files with rows")
+
+
 def _is_img2dataset_metadata(parquet_uri: str) -> bool:
     stem = parquet_uri[: -len(".parquet")]
     return storage.exists(stem + ".tar")

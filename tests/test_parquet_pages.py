@@ -56,6 +56,31 @@ def test_each_unit_reads_about_its_share_from_s3(s3_bucket, s3_proxy, page_index
     assert s3_proxy.stats()["response_bytes"] > 0.9 * len(data)
 
 
+def test_input_check_reads_only_the_footer(tmp_path, monkeypatch):
+    """checks.check_inputs_hold_images on a one-row-group file of many pages without a page index: the footer only,
+    not one read per page as planning its units does."""
+    from pipeline.preprocess import checks
+    from pipeline.preprocess.config import PreprocessError
+
+    path = tmp_path / "big.parquet"
+    path.write_bytes(_one_row_group(pa.table({"key": list(range(ROWS)), "jpg": _values(4)}), page_index=False))
+    reads = []
+    read_range = storage.read_range
+    monkeypatch.setattr(storage, "read_range", lambda *a, **k: reads.append(a) or read_range(*a, **k))
+    next(sources.plan_units(sources.resolve_inputs([path]), UNIT))
+    assert len(reads) > ROWS // 16  # for scale: planning walks every page header
+    reads.clear()
+    checks.check_inputs_hold_images([str(path)], None)
+    assert reads == []
+    with pytest.raises(PreprocessError, match="no column 'nope'"):
+        checks.check_inputs_hold_images([str(path)], "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pq.write_table(pa.table({"jpg": pa.array([], pa.binary())}), empty / "none.parquet")  # a usable column, no rows
+    with pytest.raises(PreprocessError, match="holds no images"):
+        checks.check_inputs_hold_images([str(empty)], None)
+
+
 def test_struct_column_with_nulls_and_positions_match_a_full_read(tmp_path):
     values = _values(2)
     structs = [None if i % 41 == 7 else {"bytes": v, "path": f"img/{i}.jpg"} for i, v in enumerate(values)]
