@@ -81,6 +81,34 @@ def test_input_check_reads_only_the_footer(tmp_path, monkeypatch):
         checks.check_inputs_hold_images([str(empty)], None)
 
 
+def test_parquet_units_declare_the_image_bytes_their_reader_holds(tmp_path):
+    """A unit of a Parquet column of image bytes holds its images (not a window of them): planning estimates that
+    from the footer (~2x its share when read by pages; by row groups, the largest row group read whole plus its
+    share), the plan keeps the largest, and the encode task declares it."""
+    from pipeline.preprocess import encode, plan
+    from pipeline.preprocess.layout import Layout
+
+    values = _values(5)
+    table = pa.table({"key": list(range(ROWS)), "jpg": values})
+    (tmp_path / "pages").mkdir()
+    (tmp_path / "pages" / "a.parquet").write_bytes(_one_row_group(table, page_index=True))
+    (tmp_path / "groups").mkdir()
+    pq.write_table(table, tmp_path / "groups" / "a.parquet", row_group_size=UNIT * 2 // 3)  # smaller than a unit
+    units = {}
+    for kind, low, high in [("pages", 1.8, 2.3), ("groups", 1.5, 2.3)]:
+        units[kind] = list(sources.plan_units(sources.resolve_inputs([tmp_path / kind]), UNIT))
+        assert all(("pages" in u) == (kind == "pages") for u in units[kind])
+        for u in units[kind]:
+            share = sum(len(v or b"") for v in values[u["rows"][0] : u["rows"][1]])
+            assert low * share < u["source_bytes"] < high * share, (kind, u["rows"], u["source_bytes"], share)
+    config = {"inputs": [str(tmp_path / "pages")], "images_per_unit": UNIT, "image_column": None,
+              "images_per_bucket": 1000}
+    planned = plan.plan_units(Layout(str(tmp_path / "out")), config)
+    assert planned.source_bytes == max(u["source_bytes"] for u in units["pages"]) > 0
+    assert encode.encode_memory(UNIT, 256, planned.source_bytes) == encode.encode_memory(UNIT, 256) + planned.source_bytes
+    assert plan.plan_units(Layout(str(tmp_path / "out")), config) == planned  # resumed from plan.json
+
+
 def test_struct_column_with_nulls_and_positions_match_a_full_read(tmp_path):
     values = _values(2)
     structs = [None if i % 41 == 7 else {"bytes": v, "path": f"img/{i}.jpg"} for i, v in enumerate(values)]
