@@ -84,7 +84,7 @@ WRITER_ROW_GROUP_ROWS = 8192
 class StatsWriter:
     """Stats rows streamed into an open binary file as Parquet, in row groups of exactly `row_group_rows` rows (the
     last one shorter) whatever batches the caller adds them in: the bytes depend only on the rows, and the memory on
-    one row group. `counts` is complete after close()."""
+    one row group. `counts` is complete after close() (or the end of a `with` block)."""
 
     def __init__(self, f, row_group_rows: int = 0):
         self.row_group_rows = row_group_rows or WRITER_ROW_GROUP_ROWS
@@ -108,6 +108,15 @@ class StatsWriter:
         if self._pending or not self._groups:  # an empty file still holds one (empty) row group, as write() does
             self._flush()
         self._writer.close()
+
+    def __enter__(self) -> "StatsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:  # the file is being discarded: end the writer without another row group
+            self._writer.close()
 
 
 def read(uri: str, columns: list[str] | None = None) -> pa.Table:

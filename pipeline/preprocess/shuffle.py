@@ -160,10 +160,9 @@ def shuffle_bucket_task(output: str, bucket: int, buckets: int, units: int, chun
     dedup, seed, val_fraction = config["dedup"] == "exact", config["seed"], config["val_fraction"]
     with storage.atomic_writer(layout.bucket_stream(bucket, "train")) as train, \
             storage.atomic_writer(layout.bucket_stream(bucket, "validation")) as validation, \
-            storage.atomic_writer(layout.bucket_stats(bucket)) as stats_file:
+            storage.atomic_writer(layout.bucket_stats(bucket)) as stats_file, \
+            stats.StatsWriter(stats_file) as rows:  # fixed-size row groups: bytes independent of the passes
         streams = {"train": train, "validation": validation}
-        # fixed-size row groups: the stats file's bytes do not depend on the number of passes
-        rows = stats.StatsWriter(stats_file)
         for p in range(passes):
             keyed = []
             for im in _read_images(layout, slices, copy=passes > 1):
@@ -186,7 +185,6 @@ def shuffle_bucket_task(output: str, bucket: int, buckets: int, units: int, chun
                     streams[rec.split].write(image_sequence(im.tokens, bos_id, eos_id).tobytes())
                 rows.add(rec)
             del keyed
-        rows.close()
     record = {"bucket": bucket, "counts": rows.counts.to_json(), "passes": passes,
               "seconds": round(time.perf_counter() - start, 3), "retries": retry_counts()}
     write_record(layout.buckets_done, bucket, record)
