@@ -7,7 +7,9 @@
     jpeglm inspect out/preprocess --verify              # re-hash every shard against the manifest
 
 --dump finds the image's position from the per-image stats (the buckets' rows are in the token stream's order),
-reads only the rows holding it from the shards, decodes the tokens and splices the JPEG tables back (codec.assemble).
+reads only the rows holding it from the shards (one ranged read per shard through its row index; an output of
+manifest format 1, without row indexes, is streamed from the shard's start), decodes the tokens and splices the
+JPEG tables back (codec.assemble).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 from typing import Iterator
 
 import numpy as np
@@ -43,34 +44,31 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = Output(args.output)
-        print(out.describe())
-        if args.list:
-            _print_images(out.images(limit=args.list))
-        if args.failed:
-            _print_images(out.images(limit=args.failed, failed_only=True), empty="no failed images")
-        if args.verify:
-            bad = out.verify()
-            from pipeline.stats import plural
+    """InspectError (a UserError) reaches jpeglm.cli, which prints `jpeglm inspect: error: ...` and exits 2."""
+    out = Output(args.output)
+    print(out.describe())
+    if args.list:
+        _print_images(out.images(limit=args.list))
+    if args.failed:
+        _print_images(out.images(limit=args.failed, failed_only=True), empty="no failed images")
+    if args.verify:
+        bad = out.verify()
+        from pipeline.stats import plural
 
-            shards = len(out.manifest["shards"])
-            print(f"\nverify: {shards - len(bad):,} of {plural(shards, 'shard')} match")
-            for line in bad:
-                print(f"  MISMATCH {line}")
-            if bad:
-                return 1
-        if args.dump is not None:
-            path = args.out or _default_name(args.dump)
-            jpeg, info = out.dump(args.dump)
-            with open(path, "wb") as f:
-                f.write(jpeg)
-            print(f"\nwrote {path}: {info['id']} ({info['size']}x{info['size']} pixels, {info['split']}, "
-                  f"{info['tokens']} tokens, {info['jpeg_bytes']} body bytes -> {len(jpeg)} JPEG bytes; rows "
-                  f"{info['rows'][0]}..{info['rows'][-1]})")
-    except InspectError as e:
-        print(f"jpeglm inspect: error: {e}", file=sys.stderr)
-        return 2
+        shards = len(out.manifest["shards"])
+        print(f"\nverify: {shards - len(bad):,} of {plural(shards, 'shard')} match")
+        for line in bad:
+            print(f"  MISMATCH {line}")
+        if bad:
+            return 1
+    if args.dump is not None:
+        path = args.out or _default_name(args.dump)
+        jpeg, info = out.dump(args.dump)
+        with open(path, "wb") as f:
+            f.write(jpeg)
+        print(f"\nwrote {path}: {info['id']} ({info['size']}x{info['size']} pixels, {info['split']}, "
+              f"{info['tokens']} tokens, {info['jpeg_bytes']} body bytes -> {len(jpeg)} JPEG bytes; rows "
+              f"{info['rows'][0]}..{info['rows'][-1]})")
     return 0
 
 
@@ -180,7 +178,7 @@ class Output:
 
     def dump(self, image_id: str) -> tuple[bytes, dict]:
         """The image's JPEG file as decoded from the shards, and where it was found."""
-        from pipeline import codec, packing, shards
+        from pipeline import codec, packing
         from pipeline.tokenizer import Tokenizer
 
         rec, offset = self.locate(image_id)
@@ -190,11 +188,7 @@ class Output:
         for s in self.manifest["shards"]:
             if s["split"] != rec["split"] or s["first_row"] + s["rows"] <= first_row or s["first_row"] > last_row:
                 continue
-            for _, tokens, meta in shards.read_samples(storage.join(self.uri, s["path"])):
-                if first_row <= meta["row"] <= last_row:
-                    rows.append((tokens, meta["images"]))
-                if meta["row"] >= last_row:
-                    break
+            rows += [(tokens, meta["images"]) for _, tokens, meta in self._read_rows(s, first_row, last_row)]
         ids = packing.image_tokens(rows, image_id)
         if ids is None:
             raise InspectError(f"{image_id} is listed as ok but is not in rows {first_row}..{last_row} "
@@ -204,3 +198,22 @@ class Output:
         jpeg = codec.assemble(body, self.manifest["codec"]["quality"])
         return jpeg, {"id": image_id, "split": rec["split"], "tokens": len(ids), "jpeg_bytes": len(body),
                       "size": self.manifest["codec"]["size"], "rows": list(range(first_row, last_row + 1))}
+
+    def _read_rows(self, shard: dict, first_row: int, last_row: int) -> list[tuple[str, np.ndarray, dict]]:
+        """The samples of split rows first_row..last_row held by this shard: with its row index (format 2), one
+        ranged read of just those rows; without (format 1), the shard streamed from its start to the last one."""
+        from pipeline import shards
+
+        uri = storage.join(self.uri, shard["path"])
+        a = max(first_row, shard["first_row"]) - shard["first_row"]
+        b = min(last_row + 1, shard["first_row"] + shard["rows"]) - shard["first_row"]
+        if shard.get("index"):
+            offsets = shards.read_index(storage.join(self.uri, shard["index"]), shard["rows"])
+            return shards.read_row_range(uri, offsets, shard["split"], shard["first_row"], a, b)
+        out = []
+        for sample in shards.read_samples(uri):
+            if first_row <= sample[2]["row"] <= last_row:
+                out.append(sample)
+            if sample[2]["row"] >= last_row:
+                break
+        return out

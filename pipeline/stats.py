@@ -77,6 +77,48 @@ def write(uri: str, stats: Iterable[ImageStat]) -> None:
     storage.write_bytes(uri, to_parquet_bytes(stats))
 
 
+# Rows per row group of a file written by StatsWriter: what its writer holds (~1-2 KB of Python objects a row).
+WRITER_ROW_GROUP_ROWS = 8192
+
+
+class StatsWriter:
+    """Stats rows streamed into an open binary file as Parquet, in row groups of exactly `row_group_rows` rows (the
+    last one shorter) whatever batches the caller adds them in: the bytes depend only on the rows, and the memory on
+    one row group. `counts` is complete after close() (or the end of a `with` block)."""
+
+    def __init__(self, f, row_group_rows: int = 0):
+        self.row_group_rows = row_group_rows or WRITER_ROW_GROUP_ROWS
+        self._writer = pq.ParquetWriter(f, SCHEMA, compression="zstd")
+        self._pending: list[ImageStat] = []
+        self._groups = 0
+        self.counts = Counts()
+
+    def add(self, stat: ImageStat) -> None:
+        self._pending.append(stat)
+        if len(self._pending) == self.row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        table = pa.Table.from_pylist([vars(s) for s in self._pending], schema=SCHEMA)
+        self._writer.write_table(table, row_group_size=self.row_group_rows)
+        self.counts += Counts.of(self._pending)
+        self._pending, self._groups = [], self._groups + 1
+
+    def close(self) -> None:
+        if self._pending or not self._groups:  # an empty file still holds one (empty) row group, as write() does
+            self._flush()
+        self._writer.close()
+
+    def __enter__(self) -> "StatsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:  # the file is being discarded: end the writer without another row group
+            self._writer.close()
+
+
 def read(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns, schema=SCHEMA)
 

@@ -56,6 +56,59 @@ def test_each_unit_reads_about_its_share_from_s3(s3_bucket, s3_proxy, page_index
     assert s3_proxy.stats()["response_bytes"] > 0.9 * len(data)
 
 
+def test_input_check_reads_only_the_footer(tmp_path, monkeypatch):
+    """checks.check_inputs_hold_images on a one-row-group file of many pages without a page index: the footer only,
+    not one read per page as planning its units does."""
+    from pipeline.preprocess import checks
+    from pipeline.preprocess.config import PreprocessError
+
+    path = tmp_path / "big.parquet"
+    path.write_bytes(_one_row_group(pa.table({"key": list(range(ROWS)), "jpg": _values(4)}), page_index=False))
+    reads = []
+    read_range = storage.read_range
+    monkeypatch.setattr(storage, "read_range", lambda *a, **k: reads.append(a) or read_range(*a, **k))
+    next(sources.plan_units(sources.resolve_inputs([path]), UNIT))
+    assert len(reads) > ROWS // 16  # for scale: planning walks every page header
+    reads.clear()
+    checks.check_inputs_hold_images([str(path)], None)
+    assert reads == []
+    with pytest.raises(PreprocessError, match="no column 'nope'"):
+        checks.check_inputs_hold_images([str(path)], "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pq.write_table(pa.table({"jpg": pa.array([], pa.binary())}), empty / "none.parquet")  # a usable column, no rows
+    with pytest.raises(PreprocessError, match="holds no images"):
+        checks.check_inputs_hold_images([str(empty)], None)
+
+
+def test_parquet_units_declare_the_image_bytes_their_reader_holds(tmp_path):
+    """A unit of a Parquet column of image bytes holds its images (not a window of them): planning estimates that
+    from the footer (~2x its share when read by pages; by row groups, the largest row group read whole plus its
+    share), the plan keeps the largest, and the encode task declares it."""
+    from pipeline.preprocess import encode, plan
+    from pipeline.preprocess.layout import Layout
+
+    values = _values(5)
+    table = pa.table({"key": list(range(ROWS)), "jpg": values})
+    (tmp_path / "pages").mkdir()
+    (tmp_path / "pages" / "a.parquet").write_bytes(_one_row_group(table, page_index=True))
+    (tmp_path / "groups").mkdir()
+    pq.write_table(table, tmp_path / "groups" / "a.parquet", row_group_size=UNIT * 2 // 3)  # smaller than a unit
+    units = {}
+    for kind, low, high in [("pages", 1.8, 2.3), ("groups", 1.5, 2.3)]:
+        units[kind] = list(sources.plan_units(sources.resolve_inputs([tmp_path / kind]), UNIT))
+        assert all(("pages" in u) == (kind == "pages") for u in units[kind])
+        for u in units[kind]:
+            share = sum(len(v or b"") for v in values[u["rows"][0] : u["rows"][1]])
+            assert low * share < u["source_bytes"] < high * share, (kind, u["rows"], u["source_bytes"], share)
+    config = {"inputs": [str(tmp_path / "pages")], "images_per_unit": UNIT, "image_column": None,
+              "images_per_bucket": 1000}
+    planned = plan.plan_units(Layout(str(tmp_path / "out")), config)
+    assert planned.source_bytes == max(u["source_bytes"] for u in units["pages"]) > 0
+    assert encode.encode_memory(UNIT, 256, planned.source_bytes) == encode.encode_memory(UNIT, 256) + planned.source_bytes
+    assert plan.plan_units(Layout(str(tmp_path / "out")), config) == planned  # resumed from plan.json
+
+
 def test_struct_column_with_nulls_and_positions_match_a_full_read(tmp_path):
     values = _values(2)
     structs = [None if i % 41 == 7 else {"bytes": v, "path": f"img/{i}.jpg"} for i, v in enumerate(values)]

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from jpeglm import cli
@@ -265,10 +267,12 @@ def test_encode_task_as_a_plain_function(tmp_path, sample_image_dir):
     assert sorted(seen) == list(range(6))
 
 
-def test_bucket_task_dedups_orders_and_splits_the_same_in_one_or_many_passes(tmp_path, sample_image_dir):
+def test_bucket_task_dedups_orders_and_splits_the_same_in_one_or_many_passes(tmp_path, sample_image_dir,
+                                                                            monkeypatch):
     """Two units, the second holding byte-identical copies of two images of the first and of each other: each body
     is packed once (the first in listing order), sorted by order key; reading the bucket in 5 passes changes no
-    byte."""
+    byte, also of the stats file, written pass by pass in row groups of a fixed size (here 3 rows)."""
+    monkeypatch.setattr(stats, "WRITER_ROW_GROUP_ROWS", 3)
     names = sorted(p.name for p in sample_image_dir.iterdir())[:8]
     copies = tmp_path / "copies"
     copies.mkdir()
@@ -291,6 +295,7 @@ def test_bucket_task_dedups_orders_and_splits_the_same_in_one_or_many_passes(tmp
         done = shuffle.shuffle_bucket_task(out, 0, 1, 2, 256, cfg, tok.bos_id, tok.eos_id, passes_bytes)
         rows = stats.read(layout.bucket_stats(0)).to_pylist()
         streams = {s: storage.read_bytes(layout.bucket_stream(0, s)) for s in config.SPLITS}
+        streams["stats"] = storage.read_bytes(layout.bucket_stats(0))
         return done, rows, streams
 
     done, rows, streams = run(str(tmp_path / "one"), 10**9)
@@ -302,6 +307,8 @@ def test_bucket_task_dedups_orders_and_splits_the_same_in_one_or_many_passes(tmp
     assert sorted(r["id"] for r in ok) == names
     keys = [shuffle.order_key(bytes.fromhex(r["body_sha256"]), 0) for r in rows]
     assert keys == sorted(keys)  # stream order = order key; duplicates sit right after their kept image
+    groups = pq.ParquetFile(io.BytesIO(streams["stats"])).metadata
+    assert [groups.row_group(g).num_rows for g in range(groups.num_row_groups)] == [3, 3, 3, 2]
     for split in config.SPLITS:
         expected = [packing.image_sequence(tok.encode(bodies[names.index(r["id"])]), tok.bos_id, tok.eos_id)
                     for r in ok if r["split"] == split]
@@ -314,4 +321,4 @@ def test_bucket_task_dedups_orders_and_splits_the_same_in_one_or_many_passes(tmp
 
     _, rows_none, streams_none = run(str(tmp_path / "none"), 10**9, dedup="none")
     assert all(r["status"] == "ok" for r in rows_none) and len(rows_none) == 11
-    assert sum(map(len, streams_none.values())) > sum(map(len, streams.values()))
+    assert sum(len(streams_none[s]) for s in config.SPLITS) > sum(len(streams[s]) for s in config.SPLITS)

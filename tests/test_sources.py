@@ -115,14 +115,15 @@ def test_truncated_tar_keeps_images_before_the_damage(tmp_path, images, where):
 def test_parquet_column_choice_and_errors(tmp_path, images):
     p = tmp_path / "x.parquet"
     p.write_bytes(parquet_bytes(pa.table({"jpg": [images[0][1]], "caption": ["c"]}), row_group_size=3))
-    assert sources.parquet_layout(str(p), None) == (1, "jpg", "bytes")
-    assert sources.parquet_layout(str(p), "caption") == (1, "caption", "path")
+    for column, expected in [(None, (1, "jpg", "bytes")), ("caption", (1, "caption", "path"))]:
+        layout = sources._parquet_layout(str(p), column)
+        assert (layout.rows, layout.column, layout.mode) == expected
     with pytest.raises(sources.InputError, match="no column 'nope'"):
-        sources.parquet_layout(str(p), "nope")
+        sources._parquet_layout(str(p), "nope")
     q = tmp_path / "y.parquet"
     q.write_bytes(parquet_bytes(pa.table({"label": [1]}), row_group_size=3))
     with pytest.raises(sources.InputError, match="--image-column"):
-        sources.parquet_layout(str(q), None)
+        sources._parquet_layout(str(q), None)
 
 
 def test_bad_inputs_fail_at_planning_with_a_clear_message(tmp_path):

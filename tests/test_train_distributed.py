@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import time
 import numpy as np
 import pytest
 
+from jpeglm.devtools.processes import free_port
 from trainer import checkpoint as ckpt
 from trainer.data import Manifest, SampleOrder, read_rows, read_sample_records
 
@@ -346,9 +346,7 @@ try:
 except Exception as e:
     print(f"rank 1: {type(e).__name__}: {e}", flush=True)
 """)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})

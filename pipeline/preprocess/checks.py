@@ -31,12 +31,12 @@ def resolve_inputs(uris: list[str]) -> list[str]:
 
 def check_inputs_hold_images(inputs: list[str], image_column: str | None) -> None:
     """Each input holds at least one image, tar or usable Parquet file: walks each until the first one (reads a
-    Parquet footer), so a wrong --input or --image-column fails before OUTPUT is touched."""
+    Parquet footer only, never its pages), so a wrong --input or --image-column fails before OUTPUT is touched."""
     from pipeline import sources
 
     for inp in sources.resolve_inputs(inputs):
         try:
-            next(iter(sources.plan_units([inp], 1, image_column)), None)
+            sources.check_holds_images(inp, image_column)
         except sources.InputError as e:
             raise PreprocessError(str(e)) from None
 

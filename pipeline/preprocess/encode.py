@@ -52,10 +52,11 @@ def canonicalize(data: bytes, config: dict):
                                         min_side=config["min_side"])
 
 
-def encode_memory(unit_images: int | None, image_size: int) -> int:
-    """Data an encode task holds: its unit's encoded file (tokens grow with the image's area)."""
+def encode_memory(unit_images: int | None, image_size: int, source_bytes: int = 0) -> int:
+    """Data an encode task holds: its unit's encoded file (tokens grow with the image's area), plus the source
+    bytes its reader holds at once (a Parquet column of image bytes: the unit's images, sources "source_bytes")."""
     n = TAR_IMAGES_ESTIMATE if unit_images is None else unit_images
-    return int(n * ENCODED_IMAGE_BYTES * max(1.0, (image_size / 256) ** 2))
+    return int(n * ENCODED_IMAGE_BYTES * max(1.0, (image_size / 256) ** 2)) + source_bytes
 
 
 def encode_unit_task(output: str, index: int, config: dict, fingerprint: str, buckets: int) -> dict:

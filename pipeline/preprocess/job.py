@@ -118,7 +118,7 @@ class Job:
 
             plan = plan_units(self.layout, self.config)
             lap("plan")
-            fingerprint, tok_meta = self._tokenizer_phase(plan.unit_sizes, in_flight)
+            fingerprint, tok_meta = self._tokenizer_phase(plan, in_flight)
             lap("tokenizer")
             encoded, images_this_run = self._encode_phase(plan, fingerprint, in_flight)
             lap("encode")
@@ -201,7 +201,7 @@ class Job:
 
     # -- phases -------------------------------------------------------------------------------------------------
 
-    def _tokenizer_phase(self, unit_sizes: list[int | None], in_flight: int) -> tuple[str, dict]:
+    def _tokenizer_phase(self, plan: Plan, in_flight: int) -> tuple[str, dict]:
         if storage.exists(self.layout.tokenizer_json) and storage.exists(self.layout.tokenizer_model):
             meta = json.loads(storage.read_bytes(self.layout.tokenizer_json))
             log.info("tokenizer: %s (from before)", meta["fingerprint"][:12])
@@ -214,9 +214,10 @@ class Job:
             log.info("tokenizer: %s copied from %s", tok.fingerprint[:12], self.tokenizer_source)
             return tok.fingerprint, meta
         size = self.config["codec"]["size"]
-        chosen, take = bpe_sample_plan(unit_sizes, self.config["bpe_sample"])
+        chosen, take = bpe_sample_plan(plan.unit_sizes, self.config["bpe_sample"])
         t0 = time.perf_counter()
-        sample_task = executor.remote(bpe_sample_task, sample_memory(take, size))
+        # a sampled unit's reader holds what an encode task's does (a Parquet column of image bytes: the unit's)
+        sample_task = executor.remote(bpe_sample_task, sample_memory(take, size) + plan.source_bytes)
         got = executor.run_bounded(
             ((i, lambda i=i: sample_task.remote(self.output, i, take, self.config)) for i in chosen),
             in_flight, len(chosen), "BPE sample (units)")
@@ -244,7 +245,8 @@ class Job:
             log.info("encode: %s of %s done before; %d to go", plural(plan.units - len(todo), "unit"),
                      f"{plan.units:,}", len(todo))
         size = self.config["codec"]["size"]
-        encode = executor.remote(encode_unit_task, max(encode_memory(n, size) for n in plan.unit_sizes or [0]))
+        encode = executor.remote(encode_unit_task,
+                                 max(encode_memory(n, size, plan.source_bytes) for n in plan.unit_sizes or [0]))
         images_this_run = 0
         for i, record in executor.run_bounded(
                 ((i, lambda i=i: encode.remote(self.output, i, self.config, fingerprint, plan.buckets)) for i in todo),

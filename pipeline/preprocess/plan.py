@@ -23,6 +23,7 @@ SAMPLE_MIN_PER_UNIT = 16  # the BPE sample takes at least this many images from 
 class Plan:
     unit_sizes: list  # images per unit (None: a tar, known once read)
     buckets: int  # shuffle buckets R: a pure function of the plan and --images-per-bucket
+    source_bytes: int = 0  # the most source bytes a unit's reader holds at once (Parquet image bytes; see sources)
 
     @property
     def units(self) -> int:
@@ -42,11 +43,13 @@ def plan_units(layout: Layout, config: dict) -> Plan:
 
     if storage.exists(layout.plan):
         saved = json.loads(storage.read_bytes(layout.plan))
-        plan = Plan(saved["unit_sizes"], saved["buckets"])
+        # no "source_bytes": planned by an older jpeglm, which did not estimate it
+        plan = Plan(saved["unit_sizes"], saved["buckets"], saved.get("source_bytes", 0))
         log.info("plan: %s, %s (planned before)", plural(plan.units, "work unit"), plural(plan.buckets, "bucket"))
         return plan
     counts = sources.PlanCounts()
     sizes: list[int | None] = []
+    source_bytes = 0
     listing = sources.plan_units(sources.resolve_inputs(config["inputs"]), config["images_per_unit"],
                                  config["image_column"], counts)
     t0 = time.perf_counter()
@@ -54,10 +57,11 @@ def plan_units(layout: Layout, config: dict) -> Plan:
         for i, unit in enumerate(listing):
             storage.write_bytes(layout.unit(i), canonical_json(unit))
             sizes.append(unit_size(unit))
+            source_bytes = max(source_bytes, unit.get("source_bytes", 0))
     except sources.InputError as e:
         raise PreprocessError(str(e)) from None
     counts.units = len(sizes)
-    plan = Plan(sizes, bucket_count(sizes, config["images_per_bucket"]))
+    plan = Plan(sizes, bucket_count(sizes, config["images_per_bucket"]), source_bytes)
     found = [plural(n, noun) for n, noun in [(counts.image_files, "image file"), (counts.tars, "tar"),
                                              (counts.parquet_files, "Parquet file"), (counts.parquet_rows, "row")] if n]
     skipped = [plural(n, noun) for n, noun in [(counts.skipped_files, "other file"),
@@ -66,7 +70,7 @@ def plan_units(layout: Layout, config: dict) -> Plan:
              plural(plan.buckets, "shuffle bucket"), ", ".join(found), "; skipped " + ", ".join(skipped) if skipped else "",
              time.perf_counter() - t0)
     storage.write_bytes(layout.plan, canonical_json({"unit_sizes": sizes, "buckets": plan.buckets,
-                                                     "counts": counts.__dict__}))
+                                                     "source_bytes": source_bytes, "counts": counts.__dict__}))
     return plan
 
 

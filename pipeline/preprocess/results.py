@@ -90,6 +90,3 @@ class ResultLog:
 
     def todo(self) -> list[int]:
         return [i for i in range(self.n) if not self.done[i]]
-
-    def count_done(self) -> int:
-        return sum(self.done)

@@ -140,7 +140,8 @@ def bucket_slices(layout: Layout, bucket: int, units: int, chunk: int) -> list[t
 
 
 def bucket_memory(pass_bytes: int) -> int:
-    """Data a bucket task holds: one pass's slices (tokens are views into them) plus the sort keys and stats rows."""
+    """Data a bucket task holds: one pass's slices (tokens are views into them) plus its sort keys and stats rows
+    (the bucket's stats file is written pass by pass, one row group of rows held at a time)."""
     return 2 * pass_bytes
 
 
@@ -156,10 +157,11 @@ def shuffle_bucket_task(output: str, bucket: int, buckets: int, units: int, chun
     start = time.perf_counter()
     slices = bucket_slices(layout, bucket, units, chunk)
     passes = max(1, math.ceil(sum(e - s for _, s, e in slices) / max(1, pass_bytes)))
-    rows: list[stats.ImageStat] = []
     dedup, seed, val_fraction = config["dedup"] == "exact", config["seed"], config["val_fraction"]
     with storage.atomic_writer(layout.bucket_stream(bucket, "train")) as train, \
-            storage.atomic_writer(layout.bucket_stream(bucket, "validation")) as validation:
+            storage.atomic_writer(layout.bucket_stream(bucket, "validation")) as validation, \
+            storage.atomic_writer(layout.bucket_stats(bucket)) as stats_file, \
+            stats.StatsWriter(stats_file) as rows:  # fixed-size row groups: bytes independent of the passes
         streams = {"train": train, "validation": validation}
         for p in range(passes):
             keyed = []
@@ -181,10 +183,9 @@ def shuffle_bucket_task(output: str, bucket: int, buckets: int, units: int, chun
                     kept_sha, kept_id = sha, rec.id
                     rec.split = body_split(sha, val_fraction)
                     streams[rec.split].write(image_sequence(im.tokens, bos_id, eos_id).tobytes())
-                rows.append(rec)
+                rows.add(rec)
             del keyed
-    stats.write(layout.bucket_stats(bucket), rows)
-    record = {"bucket": bucket, "counts": stats.Counts.of(rows).to_json(), "passes": passes,
+    record = {"bucket": bucket, "counts": rows.counts.to_json(), "passes": passes,
               "seconds": round(time.perf_counter() - start, 3), "retries": retry_counts()}
     write_record(layout.buckets_done, bucket, record)
     return record
