@@ -443,3 +443,22 @@ def test_one_loss_function_for_training_and_validation():
     assert loss.item() == 0 and totals.tolist() == [0, 0, 0]
     loss.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_per_row_counts_cost_one_cross_entropy(monkeypatch):
+    """Validation's per-sequence counts come from the same per-token losses as its mean: one cross-entropy pass."""
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.loss import loss_and_counts
+
+    calls = []
+    real = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: calls.append(k.get("reduction")) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 8, 320, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 320, (2, 8), generator=g)
+    byte_lengths = torch.ones(320, dtype=torch.float64)
+    loss, rows = loss_and_counts(logits, targets, byte_lengths, per_row=True)
+    assert calls == ["none"] and loss.requires_grad
+    assert loss.item() == pytest.approx(rows[:, 0].sum().item() / 16)
