@@ -48,6 +48,28 @@ def test_deepspeed_launchers_local_rank_flag_moves_to_the_environment(monkeypatc
     assert os.environ["LOCAL_RANK"] == "1"
 
 
+def test_ctrl_c_while_a_subcommand_module_imports_prints_no_traceback():
+    """`jpeglm sample --help` imports torch while building its parser: Ctrl-C then ends it with 130 and one line.
+    A signal that lands before Python handles SIGINT (killed by it) or after the command ended proves nothing, so
+    the delay is varied until one lands mid-import."""
+    import signal
+    import time
+
+    seen = []
+    for delay in (0.3, 0.6, 0.15, 1.0, 0.45, 1.5, 0.8, 2.0):
+        proc = subprocess.Popen([sys.executable, "-m", "jpeglm", "sample", "--help"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert "Traceback" not in err, err
+        if proc.returncode == 130:
+            assert err.strip() == "jpeglm: interrupted" and "usage:" not in out, (out, err)
+            return
+        seen.append((delay, proc.returncode))  # 0: finished first; -2: killed before Python's handler
+    pytest.skip(f"no SIGINT landed while the subcommand imported (delay, exit code): {seen}")
+
+
 def test_bundled_photos_are_real_and_licensed():
     names = sample_images.photo_names()
     assert len(names) >= 6
