@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -68,6 +69,19 @@ def test_ctrl_c_while_a_subcommand_module_imports_prints_no_traceback():
             return
         seen.append((delay, proc.returncode))  # 0: finished first; -2: killed before Python's handler
     pytest.skip(f"no SIGINT landed while the subcommand imported (delay, exit code): {seen}")
+
+
+def test_a_later_setup_logging_sets_the_prefix_of_its_handler():
+    """The trainer sets up logging first thing (plan_run may warn) and with the rank prefix: a later call with
+    another prefix changes the installed handler's format, not nothing; one handler, not two."""
+    code = ("import logging; from jpeglm.logs import setup_logging; setup_logging(); "
+            "setup_logging(logging.WARNING, prefix='[rank 1] '); setup_logging(logging.WARNING); "
+            "logging.getLogger('trainer.train').warning('hello'); logging.getLogger('trainer.train').info('quiet'); "
+            "print(len(logging.getLogger().handlers))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "1", proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"\d\d:\d\d:\d\d WARNING trainer\.train: \[rank 1\] hello", lines[0]), lines
 
 
 def test_bundled_photos_are_real_and_licensed():
