@@ -163,10 +163,10 @@ def _read_tokenizer(manifest: Manifest):
 
 
 def plan_run(cfg: dict, data: str, run_dir: str, resume: str = "auto", config_name: str | None = None) -> Plan:
+    """run_dir: as check_output_folder returned it."""
     from trainer.distributed import resolve_device
-    from trainer.run_dir import check_output_folder, finished_summary
+    from trainer.run_dir import finished_summary
 
-    run_dir = check_output_folder(run_dir, "--run-dir", local_only=True)
     device = resolve_device(cfg["train"]["device"])
     manifest = Manifest.load(data)
     t = cfg["train"]
@@ -201,12 +201,11 @@ def report_finished(plan: Plan) -> int:
 
 def setup(plan: Plan) -> Context:
     from jpeglm.logs import setup_logging
-    from trainer.distributed import launch_rank_world
+    from trainer.distributed import launch_env
 
     cfg, run_dir, device, point = plan.cfg, plan.run_dir, plan.device, plan.point
     t, timeouts = cfg["train"], cfg["distributed"]
-    os.environ["DS_ACCELERATOR"] = device  # before deepspeed is imported: picks its accelerator
-    rank, world = launch_rank_world()
+    rank, world = launch_env(device)  # before deepspeed is imported (by the conversion, or below)
     setup_logging(logging.INFO if rank == 0 else logging.WARNING, prefix=f"[rank {rank}] ")
     if point and point.needs_universal(world):
         # Before the process group exists, so no collective timeout can fire however long it takes: rank 0
