@@ -85,3 +85,9 @@ def set_collective_timeout(timeout_s: float) -> list:
         c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)  # NCCL and gloo
     return groups
 
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another rank's process ended (gloo: its sockets closed). That rank says
+    why itself; this one's traceback would only bury its message."""
+    return isinstance(error, RuntimeError) and any(
+        what in str(error) for what in ("Connection closed by peer", "Connection reset by peer"))

@@ -61,10 +61,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jpeglm.logs import setup_logging
     from trainer.run_dir import check_output_folder
 
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's
+    # Before anything logs (plan_run may warn): our format, rank 0 at INFO, each line marked with its rank.
+    setup_logging(logging.INFO if rank == 0 else logging.WARNING, prefix=f"[rank {rank}] ")
     try:
-        run_dir = check_output_folder(args.run_dir, "--run-dir", local_only=True)
+        run_dir = check_output_folder(args.run_dir, "--run-dir", local_only=True)  # before loading anything
         cfg = load_config(args.config, args.overrides)
         if args.init_from:
             cfg["train"]["init_from"] = args.init_from
@@ -72,21 +76,41 @@ def run(args: argparse.Namespace) -> int:
             from trainer.init_from import with_init_model
 
             cfg = with_init_model(cfg)
-        return train(cfg, args.data, run_dir, args.resume, config_name=args.config)
+        plan = plan_run(cfg, args.data, run_dir, args.resume, config_name=args.config)
     except UserError as e:
-        if os.environ.get("RANK", "0") != "0":
-            return e.exit_code  # every rank refuses alike; rank 0 says why (jpeglm.cli prints it)
+        if rank != 0:
+            return e.exit_code  # a plan reads the same files on every rank, so all refuse alike: rank 0 says why
         raise
     except KeyboardInterrupt:
-        # Before the signal handlers are installed (imports, conversion, process group): nothing to save yet.
-        if os.environ.get("RANK", "0") == "0":
-            print("\njpeglm train: interrupted before training started; nothing was saved", file=sys.stderr,
-                  flush=True)
-        return 130
+        return _interrupted_before_training(rank)
+    try:
+        return train(plan)
+    except UserError as e:
+        # From here an error can be this rank's alone (a corrupt row only it reads, its share of a resume, the
+        # conversion it waited for): each rank says its own.
+        if world > 1:
+            e.args = (f"rank {rank}: {e}",)
+        raise
+    except RuntimeError as e:
+        from trainer.distributed import lost_a_peer
+
+        if not lost_a_peer(e):
+            raise
+        print(f"jpeglm train: rank {rank} stopped: another rank ended (its output says why)", file=sys.stderr,
+              flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return _interrupted_before_training(rank)
 
 
-def train(cfg: dict, data: str, run_dir: str, resume: str = "auto", config_name: str | None = None) -> int:
-    plan = plan_run(cfg, data, run_dir, resume, config_name)
+def _interrupted_before_training(rank: int) -> int:
+    # Before the signal handlers are installed (imports, conversion, process group): nothing to save yet.
+    if rank == 0:
+        print("\njpeglm train: interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+    return 130
+
+
+def train(plan: Plan) -> int:
     if plan.finished is not None:
         return report_finished(plan)
     ctx = setup(plan)
@@ -200,13 +224,11 @@ def report_finished(plan: Plan) -> int:
 
 
 def setup(plan: Plan) -> Context:
-    from jpeglm.logs import setup_logging
     from trainer.distributed import launch_env
 
     cfg, run_dir, device, point = plan.cfg, plan.run_dir, plan.device, plan.point
     t, timeouts = cfg["train"], cfg["distributed"]
     rank, world = launch_env(device)  # before deepspeed is imported (by the conversion, or below)
-    setup_logging(logging.INFO if rank == 0 else logging.WARNING, prefix=f"[rank {rank}] ")
     if point and point.needs_universal(world):
         # Before the process group exists, so no collective timeout can fire however long it takes: rank 0
         # converts (unless `jpeglm checkpoint convert` did already), the others poll for the result.
