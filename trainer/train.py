@@ -284,7 +284,8 @@ def setup(plan: Plan) -> Context:
     if cfg["eval"]["sample_grid"]:
         from evaluation.during_training import validation_bodies
 
-        grid_bodies = validation_bodies(plan.manifest.root, cfg["eval"]["sample_grid"])
+        grid_bodies = validation_bodies(plan.manifest.root, cfg["eval"]["sample_grid"], plan.manifest.raw,
+                                        plan.tokenizer)  # read by rank 0, broadcast
     ctx = Context(cfg=cfg, config_name=plan.config_name, run_dir=run_dir, manifest=plan.manifest, device=device,
                   rank=rank, world=world, gas=gas, engine=engine, model_cfg=model_cfg, stream=stream, val=val,
                   record=SampleRecord(run_dir, rank, world, attempt), logger=logger, byte_lengths=byte_lengths,
