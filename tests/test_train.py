@@ -34,6 +34,8 @@ def test_presets_load_and_describe_real_models(preset):
     assert model.num_params() == pytest.approx(expected_params, rel=0.01)
     if preset != "tiny":
         assert cfg["train"]["seq_len"] == 12288 and cfg["train"]["precision"] == "bf16"
+    if preset in ("7b", "1b"):
+        assert cfg["eval"]["sample_grid"] == 0  # a grid there costs minutes per evaluation (docs/training.md)
     if preset == "7b":
         assert (model.n_layers, model.d_model, model.n_heads, model.ffn_dim) == (32, 4096, 32, 11008)
 
