@@ -541,3 +541,14 @@ def test_an_error_only_one_rank_hits_after_planning_is_printed_once(uneven, tmp_
     assert len(errors) == 1 and "rank 1: " in errors[0] and "expected uint16 (1024,)" in errors[0], out[-5000:]
     assert "rank 0 stopped: another rank ended" in out  # its collective lost the peer: one line, no traceback
     assert "rank 1 ended with exit code 2" in out  # the launcher names the rank that failed
+
+
+def test_a_refusal_every_rank_makes_is_printed_once_by_rank_0(tmp_path):
+    """Planning reads the same files on every rank: rank 0 alone prints the refusal, the launch adds nothing."""
+    cmd = torchrun(2, str(tmp_path / "no-such-data"), str(tmp_path / "run"), *RESUME, launcher="trainer.launch")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                          timeout=LAUNCH_TIMEOUT, start_new_session=True)
+    errors = [line for line in proc.stdout.splitlines() if "jpeglm train: error:" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert len(errors) == 1 and "no manifest.json" in errors[0] and "error: rank" not in errors[0], proc.stdout[-3000:]
+    assert "ended with" not in proc.stdout

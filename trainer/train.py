@@ -36,6 +36,7 @@ from trainer.preemption import StopRequest
 from trainer.validate import validate
 
 log = logging.getLogger("trainer.train")
+REFUSAL_GRACE_S = 3.0  # how long ranks other than 0 wait before exiting on a refusal rank 0 explains
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_run(cfg, args.data, run_dir, args.resume, config_name=args.config)
     except UserError as e:
         if rank != 0:
-            return e.exit_code  # a plan reads the same files on every rank, so all refuse alike: rank 0 says why
+            # A plan reads the same files on every rank, so all refuse alike: rank 0 says why. Wait a moment first:
+            # torchrun stops the other ranks as soon as one exits, and rank 0 may be a little behind.
+            time.sleep(REFUSAL_GRACE_S)
+            return e.exit_code
         raise
     except KeyboardInterrupt:
         return _interrupted_before_training(rank)
