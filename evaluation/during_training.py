@@ -1,6 +1,6 @@
 """A small grid of samples while training: what the model draws at step N, next to the validation loss.
 
-    bodies = validation_bodies(data_uri, 3)                       # once, at setup: fixed validation images
+    bodies = validation_bodies(data_uri, 3)                       # once, at setup: the first validation images
     grid = sample_grid(engine.module, tokenizer, codec, bodies, step, run_dir)   # on every rank, identically
     tb.add_image("samples", grid, step, dataformats="HWC")        # rank 0
 
@@ -22,15 +22,41 @@ import os
 import numpy as np
 
 
-def validation_bodies(data_uri: str, num: int) -> list[bytes]:
-    """`num` canonical bodies spread over a preprocess output's validation split (empty if it has none)."""
+def validation_bodies(data_uri: str, num: int, manifest: dict | None = None, tokenizer=None) -> list[bytes]:
+    """The canonical bodies of the first `num` images of a preprocess output's validation split (empty if it has
+    none), the same on every rank. The first rather than spread over the split: the packed order is already a hash
+    shuffle, so they are as representative as any, and only the split's first row(s) are read (spread images would
+    stream most of it: ~2 GB per rank at 23M images). Under torch.distributed rank 0 reads them and broadcasts them
+    (~4.5 KB each). manifest / tokenizer: the output's, when the caller has them loaded (else read from data_uri)."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    bodies = None
+    if not distributed or dist.get_rank() == 0:
+        bodies = _first_validation_bodies(data_uri, num, manifest, tokenizer)
+    if distributed:
+        box = [bodies]
+        dist.broadcast_object_list(box, src=0)
+        bodies = box[0]
+    return bodies
+
+
+def _first_validation_bodies(data_uri: str, num: int, manifest: dict | None, tokenizer) -> list[bytes]:
     from evaluation.fid import EvalError
-    from evaluation.images import validation_images
+    from evaluation.images import read_manifest, split_image_tokens
+    from pipeline import storage
+    from pipeline.tokenizer import Tokenizer
 
     try:
-        return [v.body for v in validation_images(data_uri, num)]
+        manifest = manifest if manifest is not None else read_manifest(data_uri)
     except EvalError:
         return []
+    if not (manifest.get("totals") or {}).get("validation", {}).get("images", 0):
+        return []
+    if tokenizer is None:
+        tokenizer = Tokenizer.load(storage.join(data_uri, manifest["tokenizer"]["path"]))
+    return [tokenizer.decode(tokens.tolist())
+            for _, _, tokens in split_image_tokens(data_uri, manifest, "validation", list(range(num)))]
 
 
 def sample_grid(model, tokenizer, codec: dict, bodies: list[bytes], step: int, run_dir: str | None,

@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except KeyboardInterrupt:
+        # Ctrl-C before a command runs (build_parser imports its module, e.g. torch for several seconds).
+        print("\njpeglm: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 def _main(argv: list[str] | None) -> int:

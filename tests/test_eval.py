@@ -168,7 +168,7 @@ def test_sample_grid_during_training(dataset, random_export, tmp_path):
     model, meta = load_pretrained(random_export)
     model.train()
     bodies = validation_bodies(dataset["root"], 2)
-    assert bodies == [dataset["validation"][7][1], dataset["validation"][22][1]]
+    assert bodies == [dataset["validation"][0][1], dataset["validation"][1][1]]
     grid = sample_grid(model, dataset["tokenizer"], meta["codec"], bodies, 7, str(tmp_path), num_unconditional=3,
                        max_len=600)
     assert model.training  # put back as found
@@ -180,6 +180,36 @@ def test_sample_grid_during_training(dataset, random_export, tmp_path):
     again = sample_grid(model, dataset["tokenizer"], meta["codec"], bodies, 8, None, num_unconditional=3, max_len=600)
     assert np.array_equal(again, grid)  # the same seed at every step: grids differ by the model only
     assert not (tmp_path / "images" / "step-000008.png").exists()
+
+
+def test_grid_bodies_are_read_from_the_first_validation_rows_only(dataset, monkeypatch):
+    """The grid's images are the split's first: reading stops at the row where the last of them ends (the packed
+    order is a hash shuffle already), instead of streaming most of the split to reach images spread over it."""
+    import json as json_
+
+    from evaluation.during_training import validation_bodies
+    from pipeline import shards, storage
+
+    manifest = json_.loads(storage.read_bytes(storage.join(dataset["root"], "manifest.json")))
+    ends, index = {}, -1  # image index -> the split row holding its EOS
+    for shard in (s for s in manifest["shards"] if s["split"] == "validation"):
+        for _, _, meta in shards.read_samples(storage.join(dataset["root"], shard["path"])):
+            for span in meta["images"]:
+                index += span["bos"]
+                if span["eos"]:
+                    ends[index] = meta["row"]
+    rows_read = []
+    real = shards.read_samples
+
+    def counting(uri, *args, **kwargs):
+        for sample in real(uri, *args, **kwargs):
+            rows_read.append(sample[2]["row"])
+            yield sample
+
+    monkeypatch.setattr(shards, "read_samples", counting)
+    bodies = validation_bodies(dataset["root"], 3, manifest, dataset["tokenizer"])
+    assert bodies == [body for _, body in dataset["validation"][:3]]
+    assert rows_read == list(range(ends[2] + 1)) and len(rows_read) < max(ends.values()) + 1, (rows_read, ends)
 
 
 @pytest.mark.slow

@@ -330,7 +330,7 @@ def test_bf16_path_runs_on_cpu(random_checkpoint, tmp_path):
         (["--num", "0"], "--num must be positive"),
         (["--prompt", "/nonexistent/image.jpg"], "--prompt /nonexistent/image.jpg: no such file"),
         (["--out", "FILE"], "is a file, not a folder"),
-        (["--out", "FILE/sub"], "is a file, so the folder cannot be created there"),
+        (["--out", "FILE/sub"], "which is a file"),
     ],
 )
 def test_bad_flags_fail_with_one_line_before_loading(random_checkpoint, tmp_path, capsys, extra, message):
@@ -346,6 +346,20 @@ def test_bad_flags_fail_with_one_line_before_loading(random_checkpoint, tmp_path
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jpeglm sample: error: ") and message in lines[0], captured.err
     assert "checkpoint" not in captured.err.lower() or "--checkpoint" in captured.err  # refused before loading
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_out_in_a_read_only_folder_is_refused_before_loading(random_checkpoint, tmp_path, capsys):
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        assert _sample("--checkpoint", random_checkpoint, "--out", str(tmp_path / "ro" / "out")) == 2
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "is not writable by this user" in lines[0] and "Traceback" not in captured.err, lines
+    assert not (tmp_path / "ro" / "out").exists()
 
 
 def test_missing_or_unknown_checkpoint_fails_with_a_message(tmp_path, capsys):

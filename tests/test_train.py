@@ -34,6 +34,8 @@ def test_presets_load_and_describe_real_models(preset):
     assert model.num_params() == pytest.approx(expected_params, rel=0.01)
     if preset != "tiny":
         assert cfg["train"]["seq_len"] == 12288 and cfg["train"]["precision"] == "bf16"
+    if preset in ("7b", "1b"):
+        assert cfg["eval"]["sample_grid"] == 0  # a grid there costs minutes per evaluation (docs/training.md)
     if preset == "7b":
         assert (model.n_layers, model.d_model, model.n_heads, model.ffn_dim) == (32, 4096, 32, 11008)
 
@@ -443,3 +445,22 @@ def test_one_loss_function_for_training_and_validation():
     assert loss.item() == 0 and totals.tolist() == [0, 0, 0]
     loss.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_per_row_counts_cost_one_cross_entropy(monkeypatch):
+    """Validation's per-sequence counts come from the same per-token losses as its mean: one cross-entropy pass."""
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.loss import loss_and_counts
+
+    calls = []
+    real = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: calls.append(k.get("reduction")) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 8, 320, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 320, (2, 8), generator=g)
+    byte_lengths = torch.ones(320, dtype=torch.float64)
+    loss, rows = loss_and_counts(logits, targets, byte_lengths, per_row=True)
+    assert calls == ["none"] and loss.requires_grad
+    assert loss.item() == pytest.approx(rows[:, 0].sum().item() / 16)

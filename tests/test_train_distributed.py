@@ -504,3 +504,49 @@ def test_init_from_a_model_of_another_tokenizer_is_refused(dataset, tmp_path, ca
     assert rc == 2
     err = capsys.readouterr().err
     assert "trained with tokenizer" in err and f"preprocess with --tokenizer {hf_dir}/tokenizer.model" in err
+
+
+def test_an_error_only_one_rank_hits_after_planning_is_printed_once(uneven, tmp_path):
+    """A row only rank 1 reads in step 1 is corrupt (too short): planning passes on both ranks, then rank 1's
+    DataError is printed once, with its rank, through `python -m trainer.launch`; no traceback, non-zero exit."""
+    from helpers import write_dataset
+    from trainer.data import TrainStream
+
+    real = Manifest.load(uneven)
+    first_rows = []
+    for rank in (0, 1):  # RESUME: 8 samples per step, one micro-batch of 4 per rank, 256-token windows
+        stream = TrainStream(real, 256, 1234, 8, 4, rank, 2, block_shards=4)
+        try:
+            first_rows.append({sid // stream.windows for sid in stream.next_batch().sample_ids})
+        finally:
+            stream.close()
+    bad_row = min(first_rows[1] - first_rows[0])
+    rows = {}
+    for split in ("train", "validation"):
+        for shard in real.split(split):
+            for r, (tokens, valid) in read_rows(shard, real.seq_len).items():
+                rows[(split, r)] = (tokens[:-1], valid - 1) if (split, r) == ("train", bad_row) else (tokens, valid)
+    root = str(tmp_path / "corrupt")
+    write_dataset(root, {"train": UNEVEN_SHARD_ROWS, "validation": [real.raw["totals"]["validation"]["rows"]]},
+                  row_len=real.seq_len, fingerprint=real.fingerprint, rows_source=lambda split, i: rows[(split, i)])
+    shutil.copyfile(os.path.join(uneven, "tokenizer.model"), os.path.join(root, "tokenizer.model"))
+    cmd = torchrun(2, root, str(tmp_path / "run"), *RESUME, "train.max_steps=2", launcher="trainer.launch")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                          timeout=LAUNCH_TIMEOUT, start_new_session=True)
+    out = proc.stdout
+    assert proc.returncode != 0 and "Traceback" not in out, out[-5000:]
+    errors = [line for line in out.splitlines() if "jpeglm train: error:" in line]
+    assert len(errors) == 1 and "rank 1: " in errors[0] and "expected uint16 (1024,)" in errors[0], out[-5000:]
+    assert "rank 0 stopped: another rank ended" in out  # its collective lost the peer: one line, no traceback
+    assert "rank 1 ended with exit code 2" in out  # the launcher names the rank that failed
+
+
+def test_a_refusal_every_rank_makes_is_printed_once_by_rank_0(tmp_path):
+    """Planning reads the same files on every rank: rank 0 alone prints the refusal, the launch adds nothing."""
+    cmd = torchrun(2, str(tmp_path / "no-such-data"), str(tmp_path / "run"), *RESUME, launcher="trainer.launch")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                          timeout=LAUNCH_TIMEOUT, start_new_session=True)
+    errors = [line for line in proc.stdout.splitlines() if "jpeglm train: error:" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert len(errors) == 1 and "no manifest.json" in errors[0] and "error: rank" not in errors[0], proc.stdout[-3000:]
+    assert "ended with" not in proc.stdout

@@ -24,20 +24,17 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def single_process_env() -> None:
-    """Without a launcher, run as a one-process world (DeepSpeed would otherwise try MPI discovery)."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-
-
-def launch_rank_world() -> tuple[int, int]:
-    """(rank, world size) as the launcher set them, known before any process group exists."""
-    single_process_env()
+def launch_env(device: str) -> tuple[int, int]:
+    """Complete the launcher's environment before DeepSpeed is imported and return (rank, world size), known before
+    any process group exists. Without a launcher: a one-process world (DeepSpeed would otherwise try MPI discovery).
+    DS_ACCELERATOR picks DeepSpeed's accelerator when it is imported. Idempotent."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    os.environ["DS_ACCELERATOR"] = device
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
@@ -56,8 +53,7 @@ def init_deepspeed(device: str, timeout_s: float | None = None) -> None:
     timeout_s: the group's timeout until set_collective_timeout (None: DeepSpeed's default, 10 minutes)."""
     from datetime import timedelta
 
-    single_process_env()
-    os.environ["DS_ACCELERATOR"] = device  # before deepspeed is imported: picks its accelerator
+    launch_env(device)  # a no-op after the trainer's own call
     if device == "cpu":
         skip_shm_comm_op()
     import deepspeed
@@ -88,3 +84,10 @@ def set_collective_timeout(timeout_s: float) -> list:
     for group in groups:
         c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)  # NCCL and gloo
     return groups
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another rank's process ended (gloo: its sockets closed). That rank says
+    why itself; this one's traceback would only bury its message."""
+    return isinstance(error, RuntimeError) and any(
+        what in str(error) for what in ("Connection closed by peer", "Connection reset by peer"))

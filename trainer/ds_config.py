@@ -1,14 +1,15 @@
 """Run configuration: a preset YAML plus `key=value` overrides -> a validated config -> the DeepSpeed config.
 
-A preset (trainer/configs/NAME.yaml, or any YAML path) has these sections; every key is listed with its
-default in DEFAULTS below, and an unknown section or key is an error (a typo must never be silently ignored):
+A preset (7b, 1b, 150m, tiny: trainer/configs/NAME.yaml) or any YAML path (e.g. trainer/configs/demo.yaml, what
+`make demo` trains) has these sections; every key is listed with its default in DEFAULTS below, and an unknown
+section or key is an error (a typo must never be silently ignored):
 
     model       trainer.model.ModelConfig fields
     train       seq_len, micro_batch_size, global_batch_size, max_steps, seed, precision, device
     optimizer   AdamW + warmup/cosine schedule + clipping
     zero        DeepSpeed ZeRO stage and its knobs
     checkpoint  every_steps, keep_last
-    eval        every_steps, max_samples
+    eval        every_steps, max_samples, sample_grid
     log         every_steps, tensorboard, peak_tflops
     data        shuffle_block_shards, prefetch_micro_batches, read_threads
     distributed startup_timeout_s, collective_timeout_s
@@ -83,8 +84,9 @@ DEFAULTS: dict[str, dict] = {
         # validation samples (rows x windows) per evaluation, spread evenly over the whole split, the same on any
         # number of processes (all of them when the split has fewer)
         "max_samples": 256,
-        # at each evaluation, a grid of samples (4 from BOS + this many completions of fixed validation images at
-        # ratio 0.5) to RUN/images/step-N.png and TensorBoard; 0 = none. Every rank samples (ZeRO-3 gathers).
+        # at each evaluation, a grid of samples (4 from BOS + this many completions of the first validation images at
+        # ratio 0.5) to RUN/images/step-N.png and TensorBoard; 0 = none. Every rank samples, one token at a time,
+        # each a ZeRO-3 gather of all weights: minutes or more at 1b/7b, so 0 there (`jpeglm eval` on checkpoints).
         "sample_grid": 3,
     },
     "log": {

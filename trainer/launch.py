@@ -7,7 +7,8 @@ The arguments are torchrun's (torch.distributed.run), unchanged. What differs is
   say so once and exit 128 + signal. torchrun then raises SignalException with a 30-line traceback; here the
   launch ends quietly with the same exit code (130 for Ctrl-C, 143 for SIGTERM).
 - A rank that fails has printed its own error; instead of ChildFailedError's box, one line names the rank and
-  its exit code (which is also this command's); none for exit 2, a refusal rank 0 has explained.
+  its exit code (which is also this command's); none when rank 0 ended with exit 2, a refusal it explained (the
+  other ranks refuse alike, silently); an error only another rank hit (a corrupt row only it reads) it prints itself.
 - OMP_NUM_THREADS defaults to 1 (torchrun would set it too, with a banner); the agent's own logging is off.
 """
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = exit_code_of(failure)
-        if code == UserError.exit_code:
+        if code == UserError.exit_code and 0 in e.failures and exit_code_of(e.failures[0]) == code:
             return code  # a refusal (bad flag, data, config): rank 0 printed `jpeglm train: error: ...`
         what = f"signal {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0 else f"exit code {code}"
         print(f"{e.name}: rank {rank} ended with {what} (its output above says why)", file=sys.stderr, flush=True)

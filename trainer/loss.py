@@ -24,14 +24,14 @@ def loss_and_counts(logits, targets, byte_lengths, per_row: bool = False):
     valid = targets != IGNORE_INDEX
     n = valid.sum()
     flat_logits, flat_targets = logits.view(-1, logits.size(-1)), targets.view(-1)
-    loss_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
     n_bytes = torch.where(valid, byte_lengths[targets.clamp(min=0)], 0)
-    if per_row:
-        with torch.no_grad():
-            per_token = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="none")
-        counts = torch.stack([per_token.view(targets.shape).double().sum(1), valid.double().sum(1),
+    if per_row:  # one cross-entropy: the per-token losses give both the sum and the rows' sums
+        per_token = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="none")
+        loss_sum = per_token.sum()
+        counts = torch.stack([per_token.detach().view(targets.shape).double().sum(1), valid.double().sum(1),
                               n_bytes.double().sum(1)], dim=1)
     else:
+        loss_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
         counts = torch.stack([loss_sum.detach().double(), n.double(), n_bytes.double().sum()])
     return loss_sum / n.clamp(min=1), counts
 

@@ -38,16 +38,6 @@ def check_output_folder(path: str | os.PathLike, flag: str, local_only: bool = F
     if problem:
         raise ConfigError(f"{flag} {os.path.abspath(path)} {problem}: choose another {flag}")
     return os.path.abspath(path)
-    path = os.path.abspath(path)
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
-        raise ConfigError(f"{flag} {path} {where}, not a folder: choose another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path}: {existing} is not writable by this user: choose another {flag}")
-    return path
 
 
 def finished_summary(run_dir: str, checkpoint_step: int, max_steps: int) -> dict | None:

@@ -119,10 +119,19 @@ def read_checkpoint_config(uri: str) -> dict | None:
     return json.loads(storage.read_bytes(cfg_uri))
 
 
+def require_checkpoint(uri: str) -> None:
+    """SampleError unless `uri` (local or s3://) exists."""
+    from pipeline import storage
+
+    if not storage.exists(uri):
+        raise SampleError(f"--checkpoint {uri}: no such folder")
+
+
 def checkpoint_codec(uri: str) -> dict:
     """The codec record (image size, quality) of a checkpoint, read without loading its weights."""
     from trainer import checkpoint as ckpt, hf, pretrained
 
+    require_checkpoint(uri)
     config = read_checkpoint_config(uri)
     if config is not None and config.get("format") == pretrained.FORMAT:
         return pretrained.codec_params(config.get("codec"))
@@ -144,8 +153,7 @@ def load_checkpoint(
     from trainer import hf, pretrained
 
     uri = os.fspath(uri)
-    if not storage.exists(uri):
-        raise SampleError(f"--checkpoint {uri}: no such folder")
+    require_checkpoint(uri)
     config = read_checkpoint_config(uri)
     revision = None
     with contextlib.ExitStack() as stack:
@@ -268,14 +276,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def check_out_dir(out: str, flag: str = "--out") -> None:
-    """Refuse an output folder that is a file, before any work (the model may take minutes to load)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SampleError(f"{flag} {out} is a file, not a folder: give a folder path (it is created if missing)")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise SampleError(f"{flag} {out}: {parent} is a file, so the folder cannot be created there")
+    """Refuse an output folder that is a file, lies under one or cannot be written, before any work (the model may
+    take minutes to load)."""
+    from pipeline import storage
+
+    problem = storage.folder_problem(out)
+    if problem:
+        raise SampleError(f"{flag} {out} {problem}: give a folder this user can write (it is created if missing)")
 
 
 def device_of(name: str) -> torch.device:
@@ -330,8 +337,6 @@ def run(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads) if device.type == "cpu" else None
     from pipeline.repair import prompt_rows
 
-    if not os.path.exists(args.checkpoint) and "://" not in args.checkpoint:
-        raise SampleError(f"--checkpoint {args.checkpoint}: no such folder")
     codec = checkpoint_codec(args.checkpoint)
     if args.image_size:
         codec = {**codec, "size": args.image_size}
@@ -342,11 +347,11 @@ def run(args: argparse.Namespace) -> int:
             raise SampleError(f"--ratio {args.ratio} at {codec['size']}x{codec['size']} pixels: {e}") from None
     try:
         loaded = load_checkpoint(args.checkpoint, device, dtype, args.tokenizer)
-        loaded.codec = codec
-        summary = sample_to_folder(args, loaded, device)
     except (ValueError, FileNotFoundError) as e:
         # Refusals of the loaders (trainer.pretrained, trainer.hf, pipeline.tokenizer) name the problem.
         raise SampleError(str(e)) from None
+    loaded.codec = codec
+    summary = sample_to_folder(args, loaded, device)
     t = summary["timing"]
     endings = [s["ending"] for s in summary["samples"]]
     print(f"{len(endings)} samples in {args.out}: {endings.count('complete')} complete, "

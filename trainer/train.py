@@ -36,6 +36,7 @@ from trainer.preemption import StopRequest
 from trainer.validate import validate
 
 log = logging.getLogger("trainer.train")
+REFUSAL_GRACE_S = 3.0  # how long ranks other than 0 wait before exiting on a refusal rank 0 explains
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -61,10 +62,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jpeglm.logs import setup_logging
     from trainer.run_dir import check_output_folder
 
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's
+    # Before anything logs (plan_run may warn): our format, rank 0 at INFO, each line marked with its rank.
+    setup_logging(logging.INFO if rank == 0 else logging.WARNING, prefix=f"[rank {rank}] ")
     try:
-        run_dir = check_output_folder(args.run_dir, "--run-dir", local_only=True)
+        run_dir = check_output_folder(args.run_dir, "--run-dir", local_only=True)  # before loading anything
         cfg = load_config(args.config, args.overrides)
         if args.init_from:
             cfg["train"]["init_from"] = args.init_from
@@ -72,21 +77,44 @@ def run(args: argparse.Namespace) -> int:
             from trainer.init_from import with_init_model
 
             cfg = with_init_model(cfg)
-        return train(cfg, args.data, run_dir, args.resume, config_name=args.config)
+        plan = plan_run(cfg, args.data, run_dir, args.resume, config_name=args.config)
     except UserError as e:
-        if os.environ.get("RANK", "0") != "0":
-            return e.exit_code  # every rank refuses alike; rank 0 says why (jpeglm.cli prints it)
+        if rank != 0:
+            # A plan reads the same files on every rank, so all refuse alike: rank 0 says why. Wait a moment first:
+            # torchrun stops the other ranks as soon as one exits, and rank 0 may be a little behind.
+            time.sleep(REFUSAL_GRACE_S)
+            return e.exit_code
         raise
     except KeyboardInterrupt:
-        # Before the signal handlers are installed (imports, conversion, process group): nothing to save yet.
-        if os.environ.get("RANK", "0") == "0":
-            print("\njpeglm train: interrupted before training started; nothing was saved", file=sys.stderr,
-                  flush=True)
-        return 130
+        return _interrupted_before_training(rank)
+    try:
+        return train(plan)
+    except UserError as e:
+        # From here an error can be this rank's alone (a corrupt row only it reads, its share of a resume, the
+        # conversion it waited for): each rank says its own.
+        if world > 1:
+            e.args = (f"rank {rank}: {e}",)
+        raise
+    except RuntimeError as e:
+        from trainer.distributed import lost_a_peer
+
+        if not lost_a_peer(e):
+            raise
+        print(f"jpeglm train: rank {rank} stopped: another rank ended (its output says why)", file=sys.stderr,
+              flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return _interrupted_before_training(rank)
 
 
-def train(cfg: dict, data: str, run_dir: str, resume: str = "auto", config_name: str | None = None) -> int:
-    plan = plan_run(cfg, data, run_dir, resume, config_name)
+def _interrupted_before_training(rank: int) -> int:
+    # Before the signal handlers are installed (imports, conversion, process group): nothing to save yet.
+    if rank == 0:
+        print("\njpeglm train: interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+    return 130
+
+
+def train(plan: Plan) -> int:
     if plan.finished is not None:
         return report_finished(plan)
     ctx = setup(plan)
@@ -163,10 +191,10 @@ def _read_tokenizer(manifest: Manifest):
 
 
 def plan_run(cfg: dict, data: str, run_dir: str, resume: str = "auto", config_name: str | None = None) -> Plan:
+    """run_dir: as check_output_folder returned it."""
     from trainer.distributed import resolve_device
-    from trainer.run_dir import check_output_folder, finished_summary
+    from trainer.run_dir import finished_summary
 
-    run_dir = check_output_folder(run_dir, "--run-dir", local_only=True)
     device = resolve_device(cfg["train"]["device"])
     manifest = Manifest.load(data)
     t = cfg["train"]
@@ -200,14 +228,11 @@ def report_finished(plan: Plan) -> int:
 
 
 def setup(plan: Plan) -> Context:
-    from jpeglm.logs import setup_logging
-    from trainer.distributed import launch_rank_world
+    from trainer.distributed import launch_env
 
     cfg, run_dir, device, point = plan.cfg, plan.run_dir, plan.device, plan.point
     t, timeouts = cfg["train"], cfg["distributed"]
-    os.environ["DS_ACCELERATOR"] = device  # before deepspeed is imported: picks its accelerator
-    rank, world = launch_rank_world()
-    setup_logging(logging.INFO if rank == 0 else logging.WARNING, prefix=f"[rank {rank}] ")
+    rank, world = launch_env(device)  # before deepspeed is imported (by the conversion, or below)
     if point and point.needs_universal(world):
         # Before the process group exists, so no collective timeout can fire however long it takes: rank 0
         # converts (unless `jpeglm checkpoint convert` did already), the others poll for the result.
@@ -263,7 +288,8 @@ def setup(plan: Plan) -> Context:
     if cfg["eval"]["sample_grid"]:
         from evaluation.during_training import validation_bodies
 
-        grid_bodies = validation_bodies(plan.manifest.root, cfg["eval"]["sample_grid"])
+        grid_bodies = validation_bodies(plan.manifest.root, cfg["eval"]["sample_grid"], plan.manifest.raw,
+                                        plan.tokenizer)  # read by rank 0, broadcast
     ctx = Context(cfg=cfg, config_name=plan.config_name, run_dir=run_dir, manifest=plan.manifest, device=device,
                   rank=rank, world=world, gas=gas, engine=engine, model_cfg=model_cfg, stream=stream, val=val,
                   record=SampleRecord(run_dir, rank, world, attempt), logger=logger, byte_lengths=byte_lengths,
