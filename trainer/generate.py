@@ -8,6 +8,11 @@ row whose prompt is longer is fed its own next prompt token instead of a sampled
 (as Meta's Llama reference generate() does), so one cache serves the batch. Sort prompts by length so that a batch
 holds similar ones. A row stops at EOS, when the bytes FF D9 (JPEG EOI) appear in its decoded byte stream, after
 max_new_tokens, or at the model's max_seq_len; finished rows leave the batch (and the cache).
+
+With a `JpegConstraint` (the default of `jpeglm sample`, the eval's `model_constrained` rows and the training-time
+grids) every row's bytes stay a prefix of a canonical JPEG body (pipeline/jpeg_grammar.py) that can still be closed
+within the row's token budget: a token is drawn from the model's (filtered) distribution renormalized over the
+tokens that keep the stream valid, so each sample ends as a whole, strictly decodable image.
 """
 
 from __future__ import annotations
@@ -43,19 +48,27 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     """logits (B, V) fp32 -> token ids (B,): greedy, or temperature + top-k + top-p (nucleus) sampling."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
+    probs, ids = sampling_set(logits, params)
+    return ids.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
+
+
+def sampling_set(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V) -> (probs, ids), both (B, K): the tokens sampling may draw (the top-k, then the top-p
+    nucleus of them) and their probabilities, softmax(logits / T) renormalized over that set (0 outside it).
+
+    Top-k first: sorting k = 50 candidates instead of the vocabulary is a third of the cost per step."""
     logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens before it already cover top_p (the best token always stays).
-        drop = probs.cumsum(dim=-1) - probs >= params.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        logits, ids = torch.topk(logits, params.top_k, dim=-1)  # sorted, descending
+    elif params.top_p < 1.0:
+        logits, ids = torch.sort(logits, dim=-1, descending=True)
+    else:
+        ids = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if params.top_p < 1.0:
+        # Drop a token when the tokens before it already cover top_p (the best token always stays).
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= params.top_p, 0.0)
+    return probs, ids
 
 
 class EOIDetector:
@@ -83,6 +96,127 @@ class EOIDetector:
         done = self.contains_eoi[token] or (last_ff and self.starts_d9[token])
         ends = self.ends_ff[token]
         return done, last_ff if ends is None else ends
+
+
+class PromptRejected(ValueError):
+    """A prompt whose bytes are not a prefix of a canonical JPEG body (or cannot be closed within the budget)."""
+
+
+class JpegConstraint:
+    """Keeps each row's byte stream a valid prefix of a canonical JPEG body, token by token.
+
+    A token is allowed when its bytes extend the row's stream by the grammar (pipeline/jpeg_grammar.py) and the
+    image can still be closed within the row's remaining token budget: each byte value has a one-byte token, so
+    `min_bytes_to_complete` more tokens always suffice. BOS only opens a prompt; EOS only after EOI (a row stops at
+    EOI, so never in practice); <unk> and other specials never. Transitions are memoized per (state, token).
+    """
+
+    def __init__(self, grammar, token_bytes: list[bytes], bos_id: int | None = None):
+        self.grammar = grammar
+        self.bos_id = bos_id
+        # b"" stands for specials and <unk>: no byte, never allowed inside an image.
+        self.token_bytes = [b or None for b in token_bytes]
+        single = {b[0] for b in token_bytes if len(b) == 1}
+        if len(single) < 256:
+            missing = sorted(set(range(256)) - single)[:8]
+            raise ValueError(f"the tokenizer has no one-byte token for byte(s) {[hex(b) for b in missing]}: the "
+                             "token budget of a constrained row could not be guaranteed")
+        self._memo: dict = {}
+        self._start = grammar.start()
+
+    def start(self):
+        return self._start
+
+    def step(self, state, token: int):
+        """(new state, shortest completion in bytes) after `token`, or None when the token is not allowed."""
+        key = (state, token)
+        hit = self._memo.get(key, False)
+        if hit is not False:
+            return hit
+        data = self.token_bytes[token] if 0 <= token < len(self.token_bytes) else None
+        new = None if data is None else self.grammar.advance(state, data)
+        hit = None if new is None else (new, self.grammar.min_bytes_to_complete(new))
+        if len(self._memo) > 2_000_000:  # bounded: a long eval revisits the same states, a leak would not
+            self._memo.clear()
+        self._memo[key] = hit
+        return hit
+
+    def allows(self, state, token: int, budget: int) -> bool:
+        """Whether `token` keeps the row valid and closable with `budget` tokens left after it."""
+        r = self.step(state, token)
+        return r is not None and r[1] <= budget
+
+    def allowed_mask(self, state, budget: int, device) -> torch.Tensor:
+        """(V,) bool: every allowed token (used when sampling's first draws are rejected)."""
+        return torch.tensor([self.allows(state, t, budget) for t in range(len(self.token_bytes))], device=device)
+
+    def is_complete(self, state) -> bool:
+        return self.grammar.is_complete(state)
+
+    def prompt_state(self, prompt: list[int], budget: int):
+        """The state after a prompt (BOS first, then body tokens); PromptRejected naming the first bad byte."""
+        state, offset = self._start, 0
+        for i, t in enumerate(prompt):
+            if i == 0 and t == self.bos_id:
+                continue
+            data = self.token_bytes[t] if 0 <= t < len(self.token_bytes) else None
+            if data is None:
+                raise PromptRejected(f"prompt token {i} (id {t}) stands for no byte of an image")
+            new = self.grammar.advance(state, data)
+            if new is None:
+                bad = _first_bad_byte(self.grammar, state, data)
+                raise PromptRejected(f"the prompt is not the start of a canonical JPEG body: byte {offset + bad} "
+                                     f"(0x{data[bad]:02X}, in prompt token {i}) is invalid there")
+            state, offset = new, offset + len(data)
+        need = self.grammar.min_bytes_to_complete(state)
+        if need > budget:
+            raise PromptRejected(f"closing the image after this prompt takes at least {need} more tokens, but only "
+                                 f"{budget} fit (raise the token limit)")
+        return state
+
+
+def _first_bad_byte(grammar, state, data: bytes) -> int:
+    for i in range(len(data)):
+        state = grammar.advance(state, data[i : i + 1])
+        if state is None:
+            return i
+    return len(data) - 1
+
+
+def _constrained_draw(logits_row: torch.Tensor, probs_row: torch.Tensor | None, ids_row: torch.Tensor | None,
+                      first: int, state, constraint: JpegConstraint, budget: int, params: SamplingParams,
+                      generator: torch.Generator | None) -> int:
+    """A token from the row's sampling distribution renormalized over the allowed tokens, given that the first
+    draw `first` was rejected: mask it and redraw (exact rejection sampling); after a few rejections mask every
+    disallowed token of the set at once; when the top-k/top-p set holds no allowed token, draw from the allowed
+    tokens of the full (temperature-scaled) distribution."""
+    if params.temperature == 0:  # greedy: the most likely allowed token
+        for t in torch.argsort(logits_row, descending=True).tolist():
+            if constraint.allows(state, t, budget):
+                return t
+        raise RuntimeError("no token is allowed: the grammar reached a dead end (a bug)")
+    ids = ids_row.tolist()
+    probs = probs_row.masked_fill(ids_row == first, 0.0)
+    for _ in range(4):
+        if not probs.sum() > 0:
+            break
+        t = ids[int(torch.multinomial(probs, 1, generator=generator))]
+        if constraint.allows(state, t, budget):
+            return t
+        probs = probs.masked_fill(ids_row == t, 0.0)
+    if probs.sum() > 0:
+        keep = torch.tensor([constraint.allows(state, t, budget) for t in ids], device=probs.device)
+        probs = probs.masked_fill(~keep, 0.0)
+        if probs.sum() > 0:
+            return ids[int(torch.multinomial(probs, 1, generator=generator))]
+    # The top-k/top-p set holds no allowed token: the allowed tokens of the full distribution.
+    mask = constraint.allowed_mask(state, budget, logits_row.device)
+    if not mask.any():
+        raise RuntimeError("no token is allowed: the grammar reached a dead end (a bug)")
+    probs = (logits_row / params.temperature).softmax(-1).masked_fill(~mask, 0.0)
+    if not probs.sum() > 0:  # every allowed token's probability underflows
+        probs = mask.float()
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @dataclass
@@ -125,6 +259,7 @@ def generate(
     suppress_ids: list[int] | None = None,
     sync_tokens=None,
     max_len: int | None = None,
+    constraint: JpegConstraint | None = None,
 ) -> list[Generation]:
     """Autoregressive decoding of a batch of prompts (each starts with BOS; see the module docstring).
 
@@ -132,6 +267,8 @@ def generate(
     use_cache=False recomputes the whole sequence at every step (the reference, and the benchmark's baseline).
     max_len: at most this many tokens per row, prompt included (the model's max_seq_len always applies).
     on_step(n_active) is called after every decoding step (progress bars).
+    constraint: keep every row a valid, closable JPEG body (module docstring); a prompt it rejects raises
+    PromptRejected before any decoding.
     sync_tokens(ids) -> ids is applied to each step's sampled ids: in a distributed job, broadcast them from rank 0
     so that every rank decodes the same tokens and runs the same forward passes (ZeRO-3 gathers in each).
     """
@@ -152,6 +289,8 @@ def generate(
     out: list[list[int]] = [[] for _ in range(n)]
     stop = ["max_tokens"] * n
     last_ff = [eoi.prompt_state(p[:start]) if eoi else False for p in prompts]
+    # A row's grammar state after its whole prompt: rows still inside their prompt are fed it, not constrained.
+    state = [constraint.prompt_state(p, lim - len(p)) for p, lim in zip(prompts, limit)] if constraint else None
     active = list(range(n))  # original row index of each row still in the batch
 
     seq = torch.tensor([p[:start] for p in prompts], dtype=torch.long, device=device)
@@ -174,7 +313,10 @@ def generate(
     while True:
         if suppress_ids:
             logits[:, suppress_ids] = float("-inf")
-        tok = next_tokens(logits, params, generator)
+        if constraint is None:
+            tok = next_tokens(logits, params, generator)
+        else:
+            tok = _constrained_tokens(logits, params, generator, constraint, state, active, pos, lengths, limit)
         if sync_tokens is not None:
             tok = sync_tokens(tok)
         forced = [j for j, row in enumerate(active) if pos < lengths[row]]
@@ -194,6 +336,14 @@ def generate(
             if eos_id is not None and t == eos_id:
                 stop[row] = "eos"
                 continue
+            if constraint is not None:
+                stepped = constraint.step(state[row], t)
+                if stepped is None:  # only a token broadcast from another rank could do this
+                    raise RuntimeError(f"row {row}: token {t} breaks the JPEG grammar at position {pos}")
+                state[row] = stepped[0]
+                if constraint.is_complete(state[row]):
+                    stop[row] = "eoi"
+                    continue
             if eoi is not None:
                 done, last_ff[row] = eoi.step(t, last_ff[row])
                 if done:
@@ -227,3 +377,26 @@ def generate(
     stats.decode_s += time.perf_counter() - t0
     stats.rows.append(n)
     return [Generation(o, s) for o, s in zip(out, stop)]
+
+
+def _constrained_tokens(logits, params, generator, constraint, state, active, pos, lengths, limit) -> torch.Tensor:
+    """One step's tokens under the constraint: a batched draw as unconstrained, then, per row, a check of the drawn
+    token (a memoized lookup) and a redraw only where it is not allowed."""
+    if params.temperature == 0:
+        probs = ids = None
+        tok = logits.argmax(dim=-1)
+    else:
+        probs, ids = sampling_set(logits, params)
+        tok = ids.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
+    tok_list = tok.tolist()
+    redrawn = False
+    for j, row in enumerate(active):
+        if pos < lengths[row]:
+            continue
+        budget = limit[row] - pos - 1  # tokens this row may still take after this one
+        if not constraint.allows(state[row], tok_list[j], budget):
+            tok_list[j] = _constrained_draw(logits[j], None if probs is None else probs[j],
+                                            None if ids is None else ids[j], tok_list[j], state[row], constraint,
+                                            budget, params, generator)
+            redrawn = True
+    return torch.tensor(tok_list, device=tok.device) if redrawn else tok
