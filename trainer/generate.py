@@ -123,6 +123,7 @@ class JpegConstraint:
                              "token budget of a constrained row could not be guaranteed")
         self._memo: dict = {}
         self._start = grammar.start()
+        self.draws = self.rejected = 0  # sampled tokens checked, and how many of them had to be drawn again
 
     def start(self):
         return self._start
@@ -394,7 +395,9 @@ def _constrained_tokens(logits, params, generator, constraint, state, active, po
         if pos < lengths[row]:
             continue
         budget = limit[row] - pos - 1  # tokens this row may still take after this one
+        constraint.draws += 1
         if not constraint.allows(state[row], tok_list[j], budget):
+            constraint.rejected += 1
             tok_list[j] = _constrained_draw(logits[j], None if probs is None else probs[j],
                                             None if ids is None else ids[j], tok_list[j], state[row], constraint,
                                             budget, params, generator)

@@ -1,0 +1,169 @@
+"""Grammar-constrained sampling (trainer/generate.py JpegConstraint): every sample a whole, strictly decodable JPEG
+at any temperature and token budget, drawn from the model's distribution renormalized over the valid tokens."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from pipeline import codec
+from pipeline.jpeg_grammar import JpegGrammar
+from pipeline.repair import prompt_prefix
+from pipeline.strict_decode import strict_decodable_many
+from pipeline.tokenizer import Tokenizer
+from trainer.generate import (EOIDetector, JpegConstraint, PromptRejected, SamplingParams, _constrained_draw,
+                              generate, sampling_set)
+from trainer.model import ModelConfig, Transformer
+
+pytestmark = pytest.mark.timeout(300)
+SIZE = 64
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bodies():
+    from pipeline.sample_images import photo_bytes, photo_names
+
+    return [codec.canonicalize(photo_bytes(n), size=SIZE) for n in photo_names()]
+
+
+@pytest.fixture(scope="module")
+def tok(bodies):
+    return Tokenizer.train(bodies, 320)
+
+
+@pytest.fixture(scope="module")
+def constraint(tok):
+    return JpegConstraint(JpegGrammar(SIZE, codec.QUALITY), tok.token_bytes(), tok.bos_id)
+
+
+def _model(seed: int = 0, init_std: float = 0.02) -> Transformer:
+    # An untrained model: the hardest case, it puts no more weight on valid bytes than on any others.
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=320, n_layers=2, d_model=64, n_heads=4, ffn_dim=128, max_seq_len=1024,
+                                   init_std=init_std)).eval()
+
+
+def _sample(tok, constraint, prompts, max_new, params, seed=0, model=None):
+    model = model or _model()
+    return generate(model, prompts, max_new, params, tok.eos_id, EOIDetector(tok.token_bytes()),
+                    torch.Generator().manual_seed(seed), suppress_ids=[tok.unk_id], constraint=constraint)
+
+
+def _assert_whole_strict_images(tok, prompts, gens, constraint):
+    files = []
+    for prompt, g in zip(prompts, gens):
+        assert g.stop == "eoi", g.stop
+        body = tok.decode([t for t in prompt if t != tok.bos_id] + g.tokens)
+        verdict = constraint.grammar.check(body)
+        assert verdict.ok and verdict.complete, verdict
+        files.append(codec.assemble(body))
+    assert strict_decodable_many(files) == [True] * len(files)  # libjpeg-turbo, warnings fatal
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 0.0])
+def test_unconditional_samples_of_an_untrained_model_are_whole_strict_jpegs(tok, constraint, bodies, temperature):
+    longest = max(len(tok.encode(b)) for b in bodies)
+    prompts = [[tok.bos_id]] * 4
+    gens = _sample(tok, constraint, prompts, 2 * longest, SamplingParams(temperature))
+    _assert_whole_strict_images(tok, prompts, gens, constraint)
+    # Unconstrained, the same model never closes an image: the constraint is what makes them whole.
+    free = generate(_model(), prompts, 2 * longest, SamplingParams(temperature), tok.eos_id,
+                    EOIDetector(tok.token_bytes()), torch.Generator().manual_seed(0), suppress_ids=[tok.unk_id])
+    assert not any(g.stop == "eoi" for g in free)
+
+
+def test_a_tight_token_budget_still_closes_every_image(tok, constraint):
+    need = constraint.grammar.min_bytes_to_complete(constraint.start())
+    prompts = [[tok.bos_id]] * 3
+    gens = _sample(tok, constraint, prompts, need + 5, SamplingParams(1.0, top_k=0, top_p=1.0), seed=3)
+    _assert_whole_strict_images(tok, prompts, gens, constraint)
+    assert all(len(g.tokens) <= need + 5 for g in gens)
+    with pytest.raises(PromptRejected, match="at least"):
+        _sample(tok, constraint, prompts, need - 1, SamplingParams())
+
+
+def test_completions_keep_their_prompts_and_close(tok, constraint, bodies):
+    prompts = [[tok.bos_id] + tok.encode(prompt_prefix(b, 0.5)) for b in bodies[:4]]  # different lengths
+    gens = _sample(tok, constraint, prompts, 600, SamplingParams(0.7), seed=1)
+    _assert_whole_strict_images(tok, prompts, gens, constraint)
+
+
+def test_a_prompt_the_grammar_rejects_names_the_byte(tok, constraint, bodies):
+    body = bytearray(prompt_prefix(bodies[0], 0.5))
+    bad = len(codec.canonical_header(SIZE)) + 3
+    body[bad] = 0xFF  # a data FF must be followed by 00: the byte after it is invalid
+    body[bad + 1] = 0x42
+    with pytest.raises(PromptRejected, match=r"byte \d+ \(0x"):
+        _sample(tok, constraint, [[tok.bos_id] + tok.encode(bytes(body))], 600, SamplingParams())
+
+
+def test_redraws_follow_the_renormalized_distribution(tok, constraint):
+    """After the last block of an MCU only a marker may follow: a row whose logits favour other tokens must draw the
+    allowed ones in proportion to their probabilities in the top-k/top-p set, and from the full distribution when
+    that set holds none."""
+    header = codec.canonical_header(SIZE)
+    state = constraint.grammar.advance(constraint.start(), header)
+    allowed = [t for t in range(len(tok.token_bytes())) if constraint.allows(state, t, 10_000)]
+    assert 0 < len(allowed) < 100
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(320, generator=g) * 3
+    params = SamplingParams(1.0, top_k=50, top_p=0.95)
+    probs, ids = sampling_set(logits[None], params)
+    probs, ids = probs[0], ids[0]
+    target = {int(t): float(p) for t, p in zip(ids, probs) if int(t) in allowed and p > 0}
+    if not target:  # the set holds no allowed token: the full distribution's allowed tokens
+        full = logits.softmax(-1)
+        target = {t: float(full[t]) for t in allowed}
+    total = sum(target.values())
+    target = {t: p / total for t, p in target.items()}
+    first = next(int(t) for t in ids if int(t) not in allowed)
+    n = 3000
+    counts = collections.Counter(_constrained_draw(logits, probs, ids, first, state, constraint, 10_000, params, g)
+                                 for _ in range(n))
+    assert set(counts) <= set(target)
+    for t, p in target.items():
+        assert abs(counts[t] / n - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (t, counts[t] / n, p)
+    # The set holds no allowed token at all: fall back to the allowed tokens of the whole distribution.
+    logits2 = torch.full((320,), -20.0)
+    logits2[[t for t in range(320) if t not in allowed][:60]] = 10.0
+    probs2, ids2 = sampling_set(logits2[None], params)
+    drawn = {_constrained_draw(logits2, probs2[0], ids2[0], int(ids2[0, 0]), state, constraint, 10_000, params, g)
+             for _ in range(50)}
+    assert drawn <= set(allowed) and drawn
+
+
+def test_a_model_that_writes_a_real_image_is_not_disturbed(tok, constraint, bodies):
+    """No false rejection through the sampler: a model that puts all its weight on a real body's next token
+    samples exactly that body under the constraint."""
+    body = bodies[0]
+    ids = [tok.bos_id] + tok.encode(body)
+
+    class Teacher(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cfg = ModelConfig(vocab_size=320, n_layers=1, d_model=8, n_heads=1, ffn_dim=8, max_seq_len=2048)
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, tokens, cache=None):
+            start = cache.pos if cache is not None else 0
+            b, t = tokens.shape
+            out = torch.full((b, t, 320), -30.0)
+            for j in range(t):
+                nxt = start + j + 1
+                out[:, j, ids[nxt] if nxt < len(ids) else tok.eos_id] = 30.0
+            if cache is not None:
+                cache.pos += t
+            return out
+
+    got = _sample(tok, constraint, [[tok.bos_id]], 2000, SamplingParams(), model=Teacher())
+    assert got[0].stop == "eoi" and tok.decode(got[0].tokens) == body
