@@ -44,6 +44,7 @@ _MARK = 2  # FF of a marker read: RSTn or EOI must follow
 _END = 3  # EOI read
 _MCU_STRIDE = 1 << 30  # state = (mcu + 1) * _MCU_STRIDE + decoder state; header positions are below it
 _MCU_END = None  # bit-level: the last block of the MCU is finished
+_NO_PATH = 1 << 30  # fewest bits to finish, where nothing finishes
 
 
 @dataclass(frozen=True)
@@ -263,9 +264,11 @@ class JpegGrammar:
         node = val << 1 | bit
         sym = table.leaves.get(node)
         if sym is None:
-            if node in table.inner:
-                return (0, blk, k, node)
-            return f"no {'AC' if k else 'DC'} code word starts {bin(node)[3:]} (block {blk})"
+            if node not in table.inner:
+                return f"no {'AC' if k else 'DC'} code word starts {bin(node)[3:]} (block {blk})"
+            if self._node_min_bits(blk, k, node) >= _NO_PATH:  # a prefix of nothing but runs past 63: a dead end
+                return f"every AC code word starting {bin(node)[3:]} runs past coefficient 63 (at {k}, block {blk})"
+            return (0, blk, k, node)
         if k == 0:  # DC: sym = size of the difference, read as extra bits
             return (1, blk, 1, sym) if sym else self._after_coefficient(blk, 1)
         run, size = sym >> 4, sym & 15
@@ -329,7 +332,7 @@ class JpegGrammar:
         key = (blk, k, node)
         best = self._node_min.get(key)
         if best is None:
-            best = 1 << 30
+            best = _NO_PATH
             for depth, sym in self._blocks[blk][k > 0].leaves_under[node]:
                 rest = self._after_symbol_bits(blk, k, sym)
                 if rest is not None and depth + rest < best:
