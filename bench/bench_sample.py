@@ -27,7 +27,7 @@ The tiny preset's max_seq_len (1,024) is raised to 12,288 for the measurement so
 
 --threads-check (issue: sampling collapsed under CPU contention): tokens/s of the tiny preset decoding from BOS
 (batch 1, KV cache) with 1 thread and with all cores, first as the machine is, then while one busy process of ours
-(a Python loop) runs beside it; and what `jpeglm sample`'s default (trainer.sample.default_threads: cores minus
+(a Python loop) runs beside it; and what `jpeglm sample`'s default (trainer.devices.default_threads: cores minus
 the cores busy now) chooses on this machine, without and with that process. Each figure is the median of --repeat runs, alternated.
 """
 
@@ -199,7 +199,7 @@ def threads_check(args) -> dict:
     import subprocess
 
     from trainer.model import Transformer
-    from trainer.sample import default_threads, usable_cores
+    from trainer.devices import default_threads, usable_cores
 
     torch.manual_seed(0)
     model = Transformer(preset_model_config("tiny")).eval()

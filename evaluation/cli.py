@@ -17,10 +17,11 @@ import os
 
 from evaluation.fid import EvalError
 
+DEFAULT_RATIOS = (0.25, 0.375, 0.5)
+GRID_ROWS = 8
+
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from evaluation import completion
-
     sub = parser.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
     fid = sub.add_parser("fid", help="FID and KID between two image sets",
                          description="FID and KID between two image sets: folders of image files (any size; "
@@ -32,7 +33,40 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     fid.add_argument("--num", type=int, metavar="N",
                      help="use N images of each set, spread evenly over it (default: all)")
     add_inception_flags(fid)
-    completion.configure_parsers(sub)
+    configure_sampling_parsers(sub)
+
+
+def configure_sampling_parsers(sub) -> None:
+    from trainer.devices import DTYPES
+
+    for name, text in (("completion", "complete N validation images from their top rows and score the "
+                                      "completions (FID/KID, decode validity) against the originals"),
+                       ("unconditional", "sample N images from BOS and score them against N validation images")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--checkpoint", required=True,
+                       help="exported jpeglm folder, Hugging Face Llama folder, or training run dir")
+        p.add_argument("--data", required=True, help="the jpeglm preprocess output whose validation images are used")
+        p.add_argument("--out", required=True, help="output folder (eval.json, grids, samples)")
+        p.add_argument("--num", type=int, default=100, help="validation images / samples (default 100)")
+        if name == "completion":
+            p.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)),
+                           help="prompt fractions, comma-separated (default 0.25,0.375,0.5; whole MCU rows)")
+        p.add_argument("--untrained", action="store_true",
+                       help="also sample a randomly initialized model of the same shape (a reference)")
+        p.add_argument("--batch", type=int, default=8, help="sequences decoded together (default 8)")
+        p.add_argument("--temperature", type=float, default=1.0, help="default 1.0")
+        p.add_argument("--top-k", type=int, default=50, help="default 50")
+        p.add_argument("--top-p", type=float, default=0.9, help="default 0.9")
+        p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        p.add_argument("--max-tokens", type=int,
+                       help="max tokens per image, prompt included (default: twice the longest of the N validation "
+                            "images, at most the model's context)")
+        p.add_argument("--bpb-tokens", type=int, default=262_144,
+                       help="validation tokens for bits per byte (default 262,144; 0 = skip)")
+        p.add_argument("--grid", type=int, default=GRID_ROWS, help=f"images shown in the grid (default {GRID_ROWS})")
+        p.add_argument("--dtype", choices=sorted(DTYPES),
+                       help="model dtype (default: bf16 on cuda, fp32 on cpu)")
+        add_inception_flags(p)
 
 
 def add_inception_flags(parser: argparse.ArgumentParser) -> None:
@@ -68,13 +102,13 @@ def check_json_path(path: str | None) -> None:
 def run_fid(args: argparse.Namespace) -> int:
     from evaluation.fid import check_inception_file, default_inception_path, extract_features, fid_kid, load_inception
     from evaluation.images import open_image_set
-    from trainer.sample import device_of, set_threads
+    from trainer.devices import resolve_device, set_threads
 
     check_json_path(args.json)
     if args.num is not None and args.num < 2:
         raise EvalError("--num must be at least 2 (FID needs a covariance)")
     check_inception_file(args.inception or default_inception_path())  # before reading any image
-    device = device_of(args.device)
+    device = resolve_device(args.device)
     set_threads(args.threads)
     n_real, real_images = open_image_set(args.real, args.num)
     n_fake, fake_images = open_image_set(args.fake, args.num)

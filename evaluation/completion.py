@@ -37,51 +37,20 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from evaluation.fid import EvalError
 
+if TYPE_CHECKING:
+    from trainer.generate import SamplingParams
+
 log = logging.getLogger("jpeglm.eval")
 
-DEFAULT_RATIOS = (0.25, 0.375, 0.5)
-GRID_ROWS = 8
 
 
-# ---------------------------------------------------------------------------------------------- flags
-
-
-def configure_parsers(sub) -> None:
-    from evaluation.cli import add_inception_flags
-
-    for name, text in (("completion", "complete N validation images from their top rows and score the "
-                                      "completions (FID/KID, decode validity) against the originals"),
-                       ("unconditional", "sample N images from BOS and score them against N validation images")):
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--checkpoint", required=True,
-                       help="exported jpeglm folder, Hugging Face Llama folder, or training run dir")
-        p.add_argument("--data", required=True, help="the jpeglm preprocess output whose validation images are used")
-        p.add_argument("--out", required=True, help="output folder (eval.json, grids, samples)")
-        p.add_argument("--num", type=int, default=100, help="validation images / samples (default 100)")
-        if name == "completion":
-            p.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)),
-                           help="prompt fractions, comma-separated (default 0.25,0.375,0.5; whole MCU rows)")
-        p.add_argument("--untrained", action="store_true",
-                       help="also sample a randomly initialized model of the same shape (a reference)")
-        p.add_argument("--batch", type=int, default=8, help="sequences decoded together (default 8)")
-        p.add_argument("--temperature", type=float, default=1.0, help="default 1.0")
-        p.add_argument("--top-k", type=int, default=50, help="default 50")
-        p.add_argument("--top-p", type=float, default=0.9, help="default 0.9")
-        p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-        p.add_argument("--max-tokens", type=int,
-                       help="max tokens per image, prompt included (default: twice the longest of the N validation "
-                            "images, at most the model's context)")
-        p.add_argument("--bpb-tokens", type=int, default=262_144,
-                       help="validation tokens for bits per byte (default 262,144; 0 = skip)")
-        p.add_argument("--grid", type=int, default=GRID_ROWS, help=f"images shown in the grid (default {GRID_ROWS})")
-        p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
-                       help="model dtype (default: bf16 on cuda, fp32 on cpu)")
-        add_inception_flags(p)
+# ---------------------------------------------------------------------------------------------- flags (evaluation/cli.py defines them)
 
 
 def _ratios(text: str) -> list[float]:
@@ -94,8 +63,8 @@ def _ratios(text: str) -> list[float]:
     return ratios
 
 
-def _check_flags(args) -> None:
-    from trainer.sample import check_out_dir, check_sampling_flags
+def _check_flags(args) -> SamplingParams:
+    from trainer.sampling import check_out_dir, check_sampling_flags
 
     if args.num < 2:
         raise EvalError("--num must be at least 2 (FID needs a covariance)")
@@ -103,8 +72,9 @@ def _check_flags(args) -> None:
         raise EvalError("--max-tokens must be at least 2")
     if args.bpb_tokens < 0 or args.grid < 0:
         raise EvalError("--bpb-tokens and --grid must be >= 0")
-    check_sampling_flags(args)
+    params = check_sampling_flags(args.batch, args.threads, args.temperature, args.top_k, args.top_p)
     check_out_dir(args.out)
+    return params
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -118,29 +88,29 @@ class Sampled:
     tokens: int  # prompt included
     complete: bool
     mcu_fraction: float
-    ending: str  # in words (evaluation.grids.ending_label)
+    ending: str  # in words (trainer.grids.ending_label)
 
 
-def sample_prompts(model, tok, codec: dict, prompts: list[list[int]], max_len: int, args, desc: str,
-                   timing: dict | None = None) -> list[Sampled]:
-    """One sample per prompt, batched in order of prompt length; results in the prompts' order."""
+def sample_prompts(model, tok, codec: dict, prompts: list[list[int]], max_len: int, params: SamplingParams,
+                   seed: int, batch: int, desc: str, timing: dict | None = None) -> list[Sampled]:
+    """One sample per prompt, `batch` at a time in order of prompt length, from a generator seeded with `seed`;
+    results in the prompts' order."""
     import torch
     from tqdm import tqdm
 
-    from evaluation.grids import ending_label
-    from trainer.generate import EOIDetector, SamplingParams, generate
-    from trainer.sample import render
+    from trainer.generate import EOIDetector, generate
+    from trainer.grids import ending_label
+    from trainer.sampling import render
 
     device = next(model.parameters()).device
-    params = SamplingParams(args.temperature, args.top_k, args.top_p)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
     eoi = EOIDetector(tok.token_bytes())
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Sampled | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="img")
-    for start in range(0, len(order), args.batch):
-        idx = order[start : start + args.batch]
+    for start in range(0, len(order), batch):
+        idx = order[start : start + batch]
         gens = generate(model, [prompts[i] for i in idx], max_len, params, tok.eos_id, eoi, generator,
                         suppress_ids=[tok.unk_id], max_len=max_len)
         for i, g in zip(idx, gens):
@@ -172,7 +142,8 @@ def validity(samples: list[Sampled]) -> dict:
 @dataclass
 class Context:
     args: argparse.Namespace
-    loaded: object  # trainer.sample.LoadedModel
+    params: SamplingParams
+    loaded: object  # trainer.loading.LoadedModel
     net: object  # the Inception network
     real: list  # evaluation.images.ValidationImage
     real_features: np.ndarray | None  # computed once the inputs have passed every check
@@ -184,8 +155,8 @@ class Context:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ratios = _ratios(args.ratios) if args.eval_command == "completion" else []
-    _check_flags(args)
-    ctx = _setup(args, ratios)
+    params = _check_flags(args)
+    ctx = _setup(args, params, ratios)
     result = _load_result(args, ctx)
     if args.eval_command == "completion":
         prompts = {ratio: _completion_prompts(ctx, ratio) for ratio in ratios}  # refuse before any work
@@ -198,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         result["unconditional"] = _unconditional(ctx)
     if args.bpb_tokens and (result.get("bits_per_byte") or {}).get("max_tokens") != args.bpb_tokens:
         from evaluation.bpb import validation_bits_per_byte
-        from evaluation.images import read_manifest
+        from pipeline.manifest import read_manifest
 
         log.info("bits per byte on the validation split (up to %d tokens)", args.bpb_tokens)
         t1 = time.perf_counter()
@@ -216,17 +187,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup(args, ratios: list[float]) -> Context:
+def _setup(args, params: SamplingParams, ratios: list[float]) -> Context:
     import torch
 
     from evaluation.fid import check_inception_file, default_inception_path, load_inception
-    from evaluation.images import read_manifest, validation_images
+    from evaluation.images import validation_images
+    from pipeline.manifest import read_manifest
     from pipeline.repair import prompt_rows
-    from trainer.sample import device_of, load_checkpoint, set_threads
+    from trainer.devices import resolve_device, resolve_dtype, set_threads
+    from trainer.loading import load_checkpoint
 
-    device = device_of(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype] if args.dtype else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     if device.type == "cpu":
         set_threads(args.threads)
     check_inception_file(args.inception or default_inception_path())  # before minutes of sampling
@@ -259,13 +231,12 @@ def _setup(args, ratios: list[float]) -> Context:
         untrained = Transformer(loaded.model.cfg).to(device=device, dtype=dtype).eval()
     log.info("%d validation images (%dx%d), up to %d tokens per sample", len(real), loaded.codec["size"],
              loaded.codec["size"], max_len)
-    return Context(args, loaded, net, real, None, max_len, untrained)
+    return Context(args, params, loaded, net, real, None, max_len, untrained)
 
 
 def _real_features(ctx: Context) -> np.ndarray:
     from evaluation.fid import extract_features
-
-    from evaluation.images import read_manifest
+    from pipeline.manifest import read_manifest
 
     args, real = ctx.args, ctx.real
     shards = sorted(s["sha256"] for s in read_manifest(args.data)["shards"] if s["split"] == "validation")
@@ -311,7 +282,7 @@ def _models(ctx: Context):
 def _completion_prompts(ctx: Context, ratio: float) -> tuple[list[bytes], list[list[int]]]:
     """(prompt bodies, prompt token ids with BOS) of the real images at `ratio`; refused if one does not fit."""
     from pipeline.repair import prompt_prefix
-    from trainer.sample import largest_fitting_ratio
+    from trainer.sampling import largest_fitting_ratio
 
     tok = ctx.loaded.tokenizer
     prefixes = [prompt_prefix(v.body, ratio) for v in ctx.real]
@@ -326,8 +297,8 @@ def _completion_prompts(ctx: Context, ratio: float) -> tuple[list[bytes], list[l
 
 
 def _completion(ctx: Context, ratio: float, prefixes: list[bytes], prompts: list[list[int]]) -> dict:
-    from evaluation.grids import make_grid
-    from trainer.sample import render
+    from trainer.grids import make_grid
+    from trainer.sampling import render
 
     tok, codec = ctx.loaded.tokenizer, ctx.loaded.codec
     prompt_only = [render(p, codec)[0] for p in prefixes]
@@ -335,8 +306,8 @@ def _completion(ctx: Context, ratio: float, prefixes: list[bytes], prompts: list
               "prompt_tokens": float(np.mean([len(p) for p in prompts]))}
     shown = {}
     for which, model in _models(ctx):
-        samples = sample_prompts(model, tok, codec, prompts, ctx.max_len, ctx.args, f"completion {ratio:g} ({which})",
-                                 ctx.timing)
+        samples = sample_prompts(model, tok, codec, prompts, ctx.max_len, ctx.params, ctx.args.seed, ctx.args.batch,
+                                 f"completion {ratio:g} ({which})", ctx.timing)
         result[which] = _score(ctx, f"completion {ratio:g} {which}", [s.image for s in samples], samples)
         shown[which] = samples[: ctx.args.grid]
     if ctx.args.grid:
@@ -350,14 +321,14 @@ def _completion(ctx: Context, ratio: float, prefixes: list[bytes], prompts: list
 
 
 def _unconditional(ctx: Context) -> dict:
-    from evaluation.grids import make_grid, square_rows
+    from trainer.grids import make_grid, square_rows
 
     tok = ctx.loaded.tokenizer
     prompts = [[tok.bos_id]] * len(ctx.real)
     result = {}
     for which, model in _models(ctx):
-        samples = sample_prompts(model, tok, ctx.loaded.codec, prompts, ctx.max_len, ctx.args,
-                                 f"unconditional ({which})", ctx.timing)
+        samples = sample_prompts(model, tok, ctx.loaded.codec, prompts, ctx.max_len, ctx.params, ctx.args.seed,
+                                 ctx.args.batch, f"unconditional ({which})", ctx.timing)
         result[which] = _score(ctx, f"unconditional {which}", [s.image for s in samples], samples)
         if which == "model" and ctx.args.grid:
             shown = samples[: ctx.args.grid]

@@ -14,7 +14,6 @@ images on every run, from the whole split rather than its first rows. Reading st
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -37,20 +36,9 @@ class ValidationImage:
 
 
 def is_preprocess_output(uri: str) -> bool:
-    return storage.exists(storage.join(uri, "manifest.json"))
+    from pipeline.manifest import MANIFEST_NAME
 
-
-def read_manifest(uri: str) -> dict:
-    from pipeline.shards import manifest_format_problem
-
-    path = storage.join(uri, "manifest.json")
-    if not storage.exists(path):
-        raise EvalError(f"{uri}: no manifest.json, so not a finished `jpeglm preprocess` output")
-    manifest = json.loads(storage.read_bytes(path))
-    problem = manifest_format_problem(manifest)
-    if problem:
-        raise EvalError(f"{path}: {problem}")
-    return manifest
+    return storage.exists(storage.join(uri, MANIFEST_NAME))
 
 
 def spread(total: int, num: int | None) -> list[int]:
@@ -60,37 +48,10 @@ def spread(total: int, num: int | None) -> list[int]:
     return [(2 * i + 1) * total // (2 * num) for i in range(num)]
 
 
-def split_image_tokens(uri: str, manifest: dict, split: str, wanted: list[int] | None = None
-                       ) -> Iterator[tuple[int, str, np.ndarray]]:
-    """(index in the split, image id, body tokens) for the wanted images of a split, in stream order."""
-    from pipeline.shards import read_samples
-
-    wanted_set = set(wanted) if wanted is not None else None
-    last = max(wanted) if wanted else None
-    index, image_id, pieces = -1, None, None
-    for shard in sorted((s for s in manifest["shards"] if s["split"] == split), key=lambda s: s["first_row"]):
-        for _, tokens, meta in read_samples(storage.join(uri, shard["path"])):
-            for span in meta["images"]:
-                if span["bos"]:
-                    index += 1
-                    image_id = span["id"]
-                    pieces = [] if wanted_set is None or index in wanted_set else None
-                    if pieces is None and last is not None and index > last:
-                        return
-                if pieces is None:
-                    continue
-                pieces.append(tokens[span["start"] : span["end"]])
-                if span["eos"]:
-                    joined = np.concatenate(pieces)
-                    yield index, image_id, joined[1:-1]
-                    pieces = None
-                    if index == last:
-                        return
-
-
 def validation_images(uri: str, num: int | None = None, split: str = "validation") -> list[ValidationImage]:
     """`num` images of a preprocess output's split, spread over it (see the module docstring)."""
     from pipeline import codec
+    from pipeline.manifest import read_manifest, split_image_tokens
     from pipeline.tokenizer import Tokenizer
 
     manifest = read_manifest(uri)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import shutil
 import sys
 
 from jpeglm.errors import UserError
@@ -43,20 +42,6 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
             module.configure_parser(p)
             p.set_defaults(_run=module.run)
     return parser
-
-
-def jpeglm_command() -> str:
-    """How to run jpeglm again from the user's shell, for the commands we print as hints: `jpeglm` when that name on
-    PATH is this installation, else the path of this installation's script (e.g. `.venv/bin/jpeglm` after `make
-    preprocess`, which does not activate the venv), relative to the current folder when it lies below it."""
-    script = os.path.join(os.path.dirname(sys.executable), "jpeglm")
-    if os.path.basename(sys.argv[0]) == "jpeglm" and os.path.exists(sys.argv[0]):
-        script = sys.argv[0]
-    found = shutil.which("jpeglm")
-    if not os.path.exists(script) or (found and os.path.realpath(found) == os.path.realpath(script)):
-        return "jpeglm"
-    rel = os.path.relpath(os.path.abspath(script))
-    return rel if not rel.startswith("..") else os.path.abspath(script)
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

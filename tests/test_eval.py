@@ -68,7 +68,7 @@ def test_validation_images_are_spread_over_the_split_and_exact(dataset):
 
 def test_bits_per_byte_counts_every_validation_token(dataset, random_export):
     from evaluation.bpb import context_window, validation_bits_per_byte
-    from evaluation.images import read_manifest
+    from pipeline.manifest import read_manifest
     from pipeline.shards import read_samples
     from trainer.pretrained import load_pretrained
 
@@ -162,7 +162,7 @@ def test_mismatched_inputs_are_refused_in_one_line(dataset, random_export, tmp_p
 def test_sample_grid_during_training(dataset, random_export, tmp_path):
     from PIL import Image
 
-    from evaluation.during_training import sample_grid, validation_bodies
+    from trainer.sample_grid import sample_grid, validation_bodies
     from trainer.pretrained import load_pretrained
 
     model, meta = load_pretrained(random_export)
@@ -187,7 +187,7 @@ def test_grid_bodies_are_read_from_the_first_validation_rows_only(dataset, monke
     order is a hash shuffle already), instead of streaming most of the split to reach images spread over it."""
     import json as json_
 
-    from evaluation.during_training import validation_bodies
+    from trainer.sample_grid import validation_bodies
     from pipeline import shards, storage
 
     manifest = json_.loads(storage.read_bytes(storage.join(dataset["root"], "manifest.json")))

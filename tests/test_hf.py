@@ -207,7 +207,7 @@ def test_exported_tokenizer_and_generation_match_transformers(tmp_path):
 def test_the_codec_travels_with_exported_and_hugging_face_folders(tmp_path):
     """The image size a model was trained on reaches sampling from every kind of checkpoint (64x64 here)."""
     from trainer import pretrained
-    from trainer.sample import checkpoint_codec
+    from trainer.loading import checkpoint_codec
 
     model = _our_model()
     codec = {"size": 64, "quality": 25, "subsampling": "4:2:0", "restart_interval_mcus": 1}

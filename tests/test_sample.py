@@ -557,25 +557,25 @@ def test_thread_default_leaves_the_cores_other_processes_use(monkeypatch):
     import subprocess
     import sys
 
-    from trainer import sample
+    from trainer import devices
 
-    cores = len(sample.usable_cores())
-    monkeypatch.setattr(sample, "busy_cores", lambda cores: 0.2)
-    assert sample.default_threads() == cores  # a quiet machine: every usable core
-    monkeypatch.setattr(sample, "busy_cores", lambda cores: len(cores) + 3.0)
-    assert sample.default_threads() == 1  # busy: one thread, which cannot wait on a descheduled sibling
-    monkeypatch.setattr(sample, "busy_cores", lambda cores: len(cores) - 1.0)
-    assert sample.default_threads() == 1
+    cores = len(devices.usable_cores())
+    monkeypatch.setattr(devices, "busy_cores", lambda cores: 0.2)
+    assert devices.default_threads() == cores  # a quiet machine: every usable core
+    monkeypatch.setattr(devices, "busy_cores", lambda cores: len(cores) + 3.0)
+    assert devices.default_threads() == 1  # busy: one thread, which cannot wait on a descheduled sibling
+    monkeypatch.setattr(devices, "busy_cores", lambda cores: len(cores) - 1.0)
+    assert devices.default_threads() == 1
     monkeypatch.undo()
     # A real busy process is seen within the measurement interval (a load average would take a minute), on the core
     # it runs on; the figure counts only the cores asked about (a pinned rank ignores the rest of the machine).
-    first = sample.usable_cores()[0]
+    first = devices.usable_cores()[0]
     spin = f"import os; os.sched_setaffinity(0, {{{first}}})\nwhile True: pass"
     busy = subprocess.Popen([sys.executable, "-c", spin])
     try:
         time.sleep(0.5)
-        assert 0.5 <= sample.busy_cores([first]) <= 1.0
-        assert sample.busy_cores(sample.usable_cores()) >= 0.5
+        assert 0.5 <= devices.busy_cores([first]) <= 1.0
+        assert devices.busy_cores(devices.usable_cores()) >= 0.5
     finally:
         busy.kill()
         busy.wait()

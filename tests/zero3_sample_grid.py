@@ -1,4 +1,4 @@
-"""Run by tests/test_eval.py under torchrun (2 CPU processes): evaluation.during_training.sample_grid on a model whose
+"""Run by tests/test_eval.py under torchrun (2 CPU processes): trainer.sample_grid.sample_grid on a model whose
 parameters DeepSpeed ZeRO-3 has partitioned across the ranks. Writes OUT/rankN.json with the grid's sha256."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ def main(data: str, exported: str, out: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from evaluation.during_training import sample_grid, validation_bodies
+    from trainer.sample_grid import sample_grid, validation_bodies
     from pipeline.tokenizer import Tokenizer
     from trainer.pretrained import load_pretrained
     from trainer.distributed import init_deepspeed

@@ -35,11 +35,27 @@ from typing import Iterator, Sequence
 import numpy as np
 
 # Manifest, ShardRef, SampleOrder, read_rows: re-exported (the trainer and tests import the loader's names from here)
-from trainer.manifest import DataError, Manifest, ShardRef, windows_per_row  # noqa: F401
+from pipeline.manifest import DataError, Manifest, ShardRef  # noqa: F401
 from trainer.order import SampleOrder, micro_batch_positions, rank_positions
 from trainer.rows import RowReader, Rows, read_rows  # noqa: F401
 
 IGNORE_INDEX = -100  # target value masked out of the loss (torch's cross_entropy default)
+
+
+def windows_per_row(row_len: int, seq_len: int) -> int:
+    """Training windows of seq_len tokens in a data row of row_len (the manifest's seq_len); DataError unless it
+    divides it."""
+    if seq_len > row_len or row_len % seq_len:
+        raise DataError(
+            f"train.seq_len={seq_len} must divide the data's row length {row_len} (the manifest's seq_len): "
+            f"rows are cut into equal windows. Use e.g. train.seq_len={_divisor_hint(row_len, seq_len)}"
+        )
+    return row_len // seq_len
+
+
+def _divisor_hint(n: int, near: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: abs(d - near))
 
 
 def window_slice(row_tokens: np.ndarray, valid_tokens: int, window: int, seq_len: int) -> tuple[np.ndarray, int]:

@@ -1,4 +1,4 @@
-"""The process group of a training run: device, launcher environment, DeepSpeed's init_distributed.
+"""The process group of a training run: launcher environment, DeepSpeed's init_distributed.
 
 Launchers (torchrun, the DeepSpeed launcher, Slurm/Kubernetes through torchrun) set RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT; without them the run is a one-process world. NCCL on GPUs, gloo on CPUs.
@@ -11,17 +11,6 @@ import os
 import socket
 import warnings
 
-from trainer.ds_config import ConfigError
-
-
-def resolve_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available (torch.cuda.is_available() is False)")
-    return requested
 
 
 def launch_env(device: str) -> tuple[int, int]:

@@ -89,15 +89,14 @@ def run(args: argparse.Namespace) -> int:
 
     out_dir = check_output_folder(args.out, "--out", local_only=True)  # before loading anything
 
-    import torch
-
+    from trainer.devices import DTYPES
     from trainer.pretrained import run_codec, save_pretrained
 
     state_dict, cfg, tokenizer_path, meta = consolidate(args.checkpoint)
     if tokenizer_path is None:
         print(f"jpeglm export: warning: {meta['checkpoint']} has no {ckpt.TOKENIZER_FILE}; exporting weights and "
               "config only", file=sys.stderr)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     if args.format == "hf":
         from trainer.hf import save_hf
 

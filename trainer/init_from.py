@@ -15,7 +15,7 @@ def with_init_model(cfg: dict) -> dict:
     from trainer import hf, pretrained
     from trainer.ds_config import validate
     from trainer.model import ModelConfig
-    from trainer.sample import read_checkpoint_config
+    from trainer.loading import read_checkpoint_config
 
     uri = cfg["train"]["init_from"]
     meta = read_checkpoint_config(uri)
@@ -55,7 +55,7 @@ def load_initial_weights(model, uri: str, rank: int) -> None:
     import deepspeed
     import torch
 
-    from trainer.sample import load_checkpoint  # the one loader that tells exported, Hugging Face and run folders apart
+    from trainer.loading import load_checkpoint  # tells exported, Hugging Face and run folders apart
 
     partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
     state = None

@@ -22,7 +22,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from trainer.manifest import DataError, ShardRef
+from pipeline.manifest import DataError, ShardRef
 
 
 def permutation(n: int, *seed_words: int) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline import shards as shard_io
 from pipeline import storage
-from trainer.manifest import DataError, ShardRef
+from pipeline.manifest import DataError, ShardRef
 
 log = logging.getLogger(__name__)
 

@@ -192,10 +192,10 @@ def _read_tokenizer(manifest: Manifest):
 
 def plan_run(cfg: dict, data: str, run_dir: str, resume: str = "auto", config_name: str | None = None) -> Plan:
     """run_dir: as check_output_folder returned it."""
-    from trainer.distributed import resolve_device
+    from trainer.devices import resolve_device
     from trainer.run_dir import finished_summary
 
-    device = resolve_device(cfg["train"]["device"])
+    device = resolve_device(cfg["train"]["device"], "train.device").type
     manifest = Manifest.load(data)
     t = cfg["train"]
     windows = windows_per_row(manifest.seq_len, t["seq_len"])
@@ -286,7 +286,7 @@ def setup(plan: Plan) -> Context:
     logger = MetricsLogger(run_dir, rank == 0, t["max_steps"], start_step, cfg["log"]["tensorboard"])
     grid_bodies = None
     if cfg["eval"]["sample_grid"]:
-        from evaluation.during_training import validation_bodies
+        from trainer.sample_grid import validation_bodies
 
         grid_bodies = validation_bodies(plan.manifest.root, cfg["eval"]["sample_grid"], plan.manifest.raw,
                                         plan.tokenizer)  # read by rank 0, broadcast

@@ -45,7 +45,7 @@ def sample_images(ctx, step: int) -> None:
     RUN/images/step-N.png and TensorBoard's "samples". Collective (every rank runs the same forward passes)."""
     import time
 
-    from evaluation.during_training import sample_grid
+    from trainer.sample_grid import sample_grid
 
     t0 = time.perf_counter()
     grid = sample_grid(ctx.engine.module, ctx.tokenizer, ctx.manifest.raw["codec"], ctx.grid_bodies, step,

@@ -10,7 +10,7 @@ import argparse
 import re
 import sys
 
-from jpeglm.cli import jpeglm_command
+from jpeglm.command import jpeglm_command
 from jpeglm.logs import setup_logging
 from pipeline.preprocess.config import DEDUP_MODES, DEFAULTS
 from pipeline.preprocess.job import Job

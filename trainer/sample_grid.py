@@ -42,14 +42,13 @@ def validation_bodies(data_uri: str, num: int, manifest: dict | None = None, tok
 
 
 def _first_validation_bodies(data_uri: str, num: int, manifest: dict | None, tokenizer) -> list[bytes]:
-    from evaluation.fid import EvalError
-    from evaluation.images import read_manifest, split_image_tokens
     from pipeline import storage
+    from pipeline.manifest import DataError, read_manifest, split_image_tokens
     from pipeline.tokenizer import Tokenizer
 
     try:
         manifest = manifest if manifest is not None else read_manifest(data_uri)
-    except EvalError:
+    except DataError:
         return []
     if not (manifest.get("totals") or {}).get("validation", {}).get("images", 0):
         return []
@@ -66,9 +65,10 @@ def sample_grid(model, tokenizer, codec: dict, bodies: list[bytes], step: int, r
     import torch
     import torch.distributed as dist
 
-    from evaluation.grids import ending_label, make_grid
-    from pipeline.repair import decode_report, prompt_prefix
+    from pipeline.repair import prompt_prefix
     from trainer.generate import EOIDetector, SamplingParams, generate
+    from trainer.grids import ending_label, make_grid
+    from trainer.sampling import render
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
@@ -95,17 +95,14 @@ def sample_grid(model, tokenizer, codec: dict, bodies: list[bytes], step: int, r
     finally:
         model.train(was_training)
 
-    def render(data: bytes):
-        return decode_report(data, codec["quality"], codec["size"])
-
     samples = []
     for prompt, g in zip(prompts, gens):
-        image, report = render(tokenizer.decode(prompt + g.tokens))
+        image, report = render(tokenizer.decode(prompt + g.tokens), codec)
         samples.append((image, ending_label(g.stop, report.complete, len(prompt) + len(g.tokens))))
     rows = [[im for im, _ in samples[:num_unconditional]]]
     labels = [[label for _, label in samples[:num_unconditional]]]
     for (body, prefix, _), (image, label) in zip(completions, samples[num_unconditional:]):
-        rows.append([render(prefix)[0], image, render(body)[0]])
+        rows.append([render(prefix, codec)[0], image, render(body, codec)[0]])
         labels.append([f"prompt {ratio:g}", label, "original"])
     rows, labels = [r for r in rows if r], [lab for lab in labels if lab]
     grid = make_grid(rows, labels)
