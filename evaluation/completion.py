@@ -15,10 +15,15 @@ shape completing the same prompts.
 
 unconditional: N images sampled from BOS, scored against the N real images (and with --untrained, likewise).
 
+Each model samples twice: "model", unconstrained (the paper's protocol), and "model_constrained", with the JPEG
+grammar in the sampler (trainer/generate.py JpegConstraint: every sample a whole image); likewise "untrained" and
+"untrained_constrained" with --untrained.
+
 Scores per set: FID and KID against the real images (evaluation/fid.py: at small N read KID), and decode validity:
 complete_fraction (the model closed the image and nothing had to be repaired), repaired_fraction (closed, but
-repaired), cut_fraction (stopped by the token limit), mcu_fraction (mean share of MCUs whose data is all there),
-mean_tokens. Also bits per byte of the model on the validation split (evaluation/bpb.py).
+repaired), cut_fraction (stopped by the token limit), strict_fraction (the saved JPEG passes a strict decoder:
+libjpeg-turbo with warnings fatal, pipeline/strict_decode.py), mcu_fraction (mean share of MCUs whose data is all
+there), mean_tokens. Also bits per byte of the model on the validation split (evaluation/bpb.py).
 
 Outputs in DIR: eval.json (both commands write their own section into the same file, so one DIR can hold a
 model's whole evaluation), grid-unconditional.png / grid-completion-R.png (labels say how each sample ended),
@@ -89,15 +94,18 @@ class Sampled:
     complete: bool
     mcu_fraction: float
     ending: str  # in words (trainer.grids.ending_label)
+    strict: bool = False  # the saved JPEG passes the strict decoder (set by sample_prompts)
 
 
 def sample_prompts(model, tok, codec: dict, prompts: list[list[int]], max_len: int, params: SamplingParams,
-                   seed: int, batch: int, desc: str, timing: dict | None = None) -> list[Sampled]:
+                   seed: int, batch: int, desc: str, timing: dict | None = None,
+                   constraint=None) -> list[Sampled]:
     """One sample per prompt, `batch` at a time in order of prompt length, from a generator seeded with `seed`;
-    results in the prompts' order."""
+    results in the prompts' order. constraint: a trainer.generate.JpegConstraint, or None (unconstrained)."""
     import torch
     from tqdm import tqdm
 
+    from pipeline.strict_decode import strict_decodable_many
     from trainer.generate import EOIDetector, generate
     from trainer.grids import ending_label
     from trainer.sampling import render
@@ -112,7 +120,7 @@ def sample_prompts(model, tok, codec: dict, prompts: list[list[int]], max_len: i
     for start in range(0, len(order), batch):
         idx = order[start : start + batch]
         gens = generate(model, [prompts[i] for i in idx], max_len, params, tok.eos_id, eoi, generator,
-                        suppress_ids=[tok.unk_id], max_len=max_len)
+                        suppress_ids=[tok.unk_id], max_len=max_len, constraint=constraint)
         for i, g in zip(idx, gens):
             image, report = render(tok.decode(prompts[i] + g.tokens), codec)
             n = len(prompts[i]) + len(g.tokens)
@@ -120,6 +128,8 @@ def sample_prompts(model, tok, codec: dict, prompts: list[list[int]], max_len: i
                              ending_label(g.stop, report.complete, n))
         bar.update(len(idx))
     bar.close()
+    for s, ok in zip(out, strict_decodable_many([s.jpeg for s in out])):
+        s.strict = ok
     if timing is not None:
         timing["sampling_s"] += time.perf_counter() - t0
     return out
@@ -131,6 +141,7 @@ def validity(samples: list[Sampled]) -> dict:
         "complete_fraction": sum(s.complete and s.stop != "max_tokens" for s in samples) / n,
         "repaired_fraction": sum(not s.complete and s.stop != "max_tokens" for s in samples) / n,
         "cut_fraction": sum(s.stop == "max_tokens" for s in samples) / n,
+        "strict_fraction": sum(s.strict for s in samples) / n,
         "mcu_fraction": float(np.mean([s.mcu_fraction for s in samples])),
         "mean_tokens": float(np.mean([s.tokens for s in samples])),
     }
@@ -274,9 +285,15 @@ def _score(ctx: Context, name: str, images: list, samples: list[Sampled] | None 
 
 
 def _models(ctx: Context):
-    yield "model", ctx.loaded.model
+    """(set name, model, constraint or None): each model unconstrained (the paper's protocol), then constrained."""
+    from trainer.sampling import jpeg_constraint
+
+    constraint = jpeg_constraint(ctx.loaded.tokenizer, ctx.loaded.codec)
+    yield "model", ctx.loaded.model, None
+    yield "model_constrained", ctx.loaded.model, constraint
     if ctx.untrained is not None:
-        yield "untrained", ctx.untrained
+        yield "untrained", ctx.untrained, None
+        yield "untrained_constrained", ctx.untrained, constraint
 
 
 def _completion_prompts(ctx: Context, ratio: float) -> tuple[list[bytes], list[list[int]]]:
@@ -305,19 +322,24 @@ def _completion(ctx: Context, ratio: float, prefixes: list[bytes], prompts: list
     result = {"prompt_only": _score(ctx, f"prompt-only {ratio:g}", prompt_only),
               "prompt_tokens": float(np.mean([len(p) for p in prompts]))}
     shown = {}
-    for which, model in _models(ctx):
+    for which, model, constraint in _models(ctx):
         samples = sample_prompts(model, tok, codec, prompts, ctx.max_len, ctx.params, ctx.args.seed, ctx.args.batch,
-                                 f"completion {ratio:g} ({which})", ctx.timing)
+                                 f"completion {ratio:g} ({which})", ctx.timing, constraint)
         result[which] = _score(ctx, f"completion {ratio:g} {which}", [s.image for s in samples], samples)
         shown[which] = samples[: ctx.args.grid]
     if ctx.args.grid:
         rows, labels = [], []
         for i, v in enumerate(ctx.real[: ctx.args.grid]):
             rows.append([prompt_only[i]] + [shown[w][i].image for w in shown] + [render(v.jpeg, codec)[0]])
-            labels.append([f"prompt {ratio:g}"] + [(f"{w}: " if w != "model" else "") + shown[w][i].ending
-                                                   for w in shown] + ["original"])
+            labels.append([f"prompt {ratio:g}"] + [f"{_short(w)}: {shown[w][i].ending}" for w in shown]
+                          + ["original"])
         make_grid(rows, labels).save(os.path.join(ctx.args.out, f"grid-completion-{ratio:g}.png"))
     return result
+
+
+def _short(which: str) -> str:
+    """Grid label of a set: model, model+jpeg, untrained, untrained+jpeg."""
+    return which.replace("_constrained", "+jpeg")
 
 
 def _unconditional(ctx: Context) -> dict:
@@ -326,15 +348,17 @@ def _unconditional(ctx: Context) -> dict:
     tok = ctx.loaded.tokenizer
     prompts = [[tok.bos_id]] * len(ctx.real)
     result = {}
-    for which, model in _models(ctx):
+    for which, model, constraint in _models(ctx):
         samples = sample_prompts(model, tok, ctx.loaded.codec, prompts, ctx.max_len, ctx.params, ctx.args.seed,
-                                 ctx.args.batch, f"unconditional ({which})", ctx.timing)
+                                 ctx.args.batch, f"unconditional ({which})", ctx.timing, constraint)
         result[which] = _score(ctx, f"unconditional {which}", [s.image for s in samples], samples)
-        if which == "model" and ctx.args.grid:
+        if which in ("model", "model_constrained") and ctx.args.grid:
             shown = samples[: ctx.args.grid]
+            name = "grid-unconditional.png" if which == "model" else "grid-unconditional-constrained.png"
             make_grid(square_rows([s.image for s in shown]), square_rows([s.ending for s in shown])).save(
-                os.path.join(ctx.args.out, "grid-unconditional.png"))
+                os.path.join(ctx.args.out, name))
     result["complete_fraction"] = result["model"]["complete_fraction"]
+    result["strict_fraction"] = result["model_constrained"]["strict_fraction"]
     return result
 
 
@@ -365,24 +389,27 @@ def _load_result(args, ctx: Context) -> dict:
 
 def format_table(result: dict) -> str:
     """The printed summary: one line per scored set."""
-    lines = [f"{'set':<34} {'FID':>9} {'KID':>9} {'+-':>8} {'complete':>9} {'repaired':>9} {'cut':>6} "
-             f"{'MCUs':>6} {'tokens':>8}"]
+    lines = [f"{'set':<46} {'FID':>9} {'KID':>9} {'+-':>8} {'complete':>9} {'repaired':>9} {'cut':>6} "
+             f"{'strict':>7} {'MCUs':>6} {'tokens':>8}"]
 
     def line(name: str, r: dict) -> None:
         v = [f"{r[k]:9.1%}" if k in r else f"{'':>9}" for k in ("complete_fraction", "repaired_fraction")]
         cut = f"{r['cut_fraction']:6.1%}" if "cut_fraction" in r else f"{'':>6}"
+        strict = f"{r['strict_fraction']:7.1%}" if "strict_fraction" in r else f"{'':>7}"
         mcus = f"{r['mcu_fraction']:6.1%}" if "mcu_fraction" in r else f"{'':>6}"
         tokens = f"{r['mean_tokens']:8.0f}" if "mean_tokens" in r else f"{'':>8}"
-        lines.append(f"{name:<34} {r['fid']:9.2f} {r['kid']:9.4f} {r['kid_std']:8.4f} {v[0]} {v[1]} {cut} {mcus} "
-                     f"{tokens}")
+        lines.append(f"{name:<46} {r['fid']:9.2f} {r['kid']:9.4f} {r['kid_std']:8.4f} {v[0]} {v[1]} {cut} {strict} "
+                     f"{mcus} {tokens}")
 
-    for which in ("model", "untrained"):
+    sets = ("model", "model_constrained", "untrained", "untrained_constrained")
+    for which in sets:
         if which in result.get("unconditional", {}):
-            line(f"unconditional ({which})", result["unconditional"][which])
+            line(f"unconditional ({which.replace('_', ', ')})", result["unconditional"][which])
     for ratio, r in result.get("completion", {}).items():
-        for which in ("model", "untrained", "prompt_only"):
+        for which in (*sets, "prompt_only"):
             if which in r:
-                line(f"completion {ratio} ({which.replace('_', '-')})", r[which])
+                line(f"completion {ratio} ({which.replace('_', ', ') if which != 'prompt_only' else 'prompt-only'})",
+                     r[which])
     bpb = result.get("bits_per_byte")
     if bpb:
         lines.append(f"bits per byte on the validation split: {bpb['bits_per_byte']:.4f} ({bpb['tokens']:,} tokens, "

@@ -106,6 +106,7 @@ def test_completion_and_unconditional_end_to_end(dataset, random_export, tmp_pat
     assert main(["eval", "unconditional", *common, "--untrained", "--bpb-tokens", "3000"]) == 0
     first = capsys.readouterr().out
     assert "unconditional (model)" in first and "unconditional (untrained)" in first and "bits per byte" in first
+    assert "unconditional (model, constrained)" in first and "strict" in first
     features = sorted(p.name for p in out.glob("features-real-*.npy"))
     assert len(features) == 1
     mtime = (out / features[0]).stat().st_mtime_ns
@@ -117,14 +118,23 @@ def test_completion_and_unconditional_end_to_end(dataset, random_export, tmp_pat
     result = json.loads((out / "eval.json").read_text())
     assert result["codec"]["size"] == 64 and result["num"] == 4 and result["max_tokens"] == 600
     unc = result["unconditional"]
-    assert set(unc) == {"model", "untrained", "complete_fraction"}
-    for section in (unc["model"], unc["untrained"], result["completion"]["0.5"]["model"]):
+    sets = {"model", "model_constrained", "untrained", "untrained_constrained"}
+    assert set(unc) == sets | {"complete_fraction", "strict_fraction"}
+    assert set(result["completion"]["0.5"]) == {"model", "model_constrained", "prompt_only", "prompt_tokens"}
+    for section in [unc[s] for s in sets] + [result["completion"]["0.5"]["model"],
+                                             result["completion"]["0.5"]["model_constrained"]]:
         assert {"fid", "kid", "kid_std", "num_real", "num_fake", "complete_fraction", "repaired_fraction",
-                "cut_fraction", "mcu_fraction", "mean_tokens"} <= set(section)
+                "cut_fraction", "strict_fraction", "mcu_fraction", "mean_tokens"} <= set(section)
         assert section["num_real"] == section["num_fake"] == 4
         total = section["complete_fraction"] + section["repaired_fraction"] + section["cut_fraction"]
         assert total == pytest.approx(1.0) and 0 <= section["mcu_fraction"] <= 1
     assert unc["complete_fraction"] == unc["model"]["complete_fraction"]
+    # A random model never closes an image by itself; with the JPEG grammar in the sampler every sample is whole
+    # and passes the strict decoder.
+    for section in (unc["model_constrained"], unc["untrained_constrained"],
+                    result["completion"]["0.5"]["model_constrained"]):
+        assert section["complete_fraction"] == section["strict_fraction"] == section["mcu_fraction"] == 1.0
+    assert unc["untrained"]["strict_fraction"] < 1.0 and unc["strict_fraction"] == 1.0
     assert {"fid", "kid", "kid_std"} <= set(result["completion"]["0.75"]["prompt_only"])
     assert result["bits_per_byte"]["tokens"] >= 3000
     for name in ("grid-unconditional.png", "grid-completion-0.5.png", "grid-completion-0.75.png"):

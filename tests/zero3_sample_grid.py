@@ -35,7 +35,7 @@ def main(data: str, exported: str, out: str) -> int:
     partitioned = all(p.ds_tensor.numel() < p.ds_numel for p in engine.module.parameters())
     tok = Tokenizer.load(os.path.join(exported, "tokenizer.model"))
     grid = sample_grid(engine.module, tok, meta["codec"], validation_bodies(data, 1), 3, out, num_unconditional=2,
-                       max_len=120)
+                       max_len=260)
     with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump({"sha256": hashlib.sha256(grid.tobytes()).hexdigest(), "partitioned": partitioned}, f)
     dist.barrier()

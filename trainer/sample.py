@@ -38,6 +38,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass; 1.0 = off (default 0.9)")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed; the same flags give the same images (default 0)")
+    parser.add_argument("--constrain", choices=("jpeg", "none"), default="jpeg",
+                        help="jpeg: sample only tokens that keep the bytes a valid canonical JPEG that can still be "
+                             "closed within --max-tokens, so every sample is a whole, strictly decodable image "
+                             "(the model's distribution renormalized over those tokens); none: unconstrained, as "
+                             "in the paper (default jpeg)")
     parser.add_argument("--prompt", nargs="+", metavar="IMAGE", help="complete these images from their top rows")
     parser.add_argument("--ratio", type=float, default=0.375,
                         help="fraction of the image given as prompt, in whole 16-pixel MCU rows: floor(ratio x "
@@ -102,11 +107,12 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_checkpoint(args.checkpoint, device, dtype, args.tokenizer)
     loaded.codec = codec
     summary = sample_to_folder(loaded, device, args.out, params, args.seed, args.batch, args.num, args.prompt,
-                               args.ratio, args.max_tokens)
+                               args.ratio, args.max_tokens, args.constrain)
     t = summary["timing"]
     endings = [s["ending"] for s in summary["samples"]]
     print(f"{len(endings)} samples in {args.out}: {endings.count('complete')} complete, "
-          f"{endings.count('repaired')} repaired, {sum(e.startswith('cut') for e in endings)} cut at the token limit; "
+          f"{endings.count('repaired')} repaired, {sum(e.startswith('cut') for e in endings)} cut at the token limit, "
+          f"{sum(s['strict'] for s in summary['samples'])} pass a strict decoder; "
           f"{t['new_tokens']} tokens at {t['tokens_per_s']:.1f} tokens/s, {t['images_per_min']:.2f} images/min "
           f"({summary['device']}, {summary['dtype']}" + (f", threads {threads}" if threads else "") + ")")
     print(f"grid: {os.path.join(args.out, 'grid.png')}")

@@ -59,16 +59,17 @@ def _first_validation_bodies(data_uri: str, num: int, manifest: dict | None, tok
 
 
 def sample_grid(model, tokenizer, codec: dict, bodies: list[bytes], step: int, run_dir: str | None,
-                num_unconditional: int = 4, ratio: float = 0.5, seed: int = 0, max_len: int | None = None
-                ) -> np.ndarray:
-    """Sample the grid (see the module docstring); returns it as an (H, W, 3) uint8 array."""
+                num_unconditional: int = 4, ratio: float = 0.5, seed: int = 0, max_len: int | None = None,
+                constrain: str = "jpeg") -> np.ndarray:
+    """Sample the grid (see the module docstring); returns it as an (H, W, 3) uint8 array. constrain "jpeg": the
+    JPEG grammar keeps every sample a whole image (trainer.generate.JpegConstraint); "none": unconstrained."""
     import torch
     import torch.distributed as dist
 
     from pipeline.repair import prompt_prefix
-    from trainer.generate import EOIDetector, SamplingParams, generate
+    from trainer.generate import EOIDetector, PromptRejected, SamplingParams, generate
     from trainer.grids import ending_label, make_grid
-    from trainer.sampling import render
+    from trainer.sampling import jpeg_constraint, render
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
@@ -78,8 +79,23 @@ def sample_grid(model, tokenizer, codec: dict, bodies: list[bytes], step: int, r
     max_len = min(max_len or 2 * longest, model.cfg.max_seq_len)
     completions = [(b, p, [tokenizer.bos_id] + tokenizer.encode(p)) for b in bodies
                    for p in [prompt_prefix(b, ratio)]]
-    completions = [c for c in completions if len(c[2]) < max_len]  # a prompt the context cannot hold is left out
+    constraint = jpeg_constraint(tokenizer, codec) if constrain == "jpeg" else None
+
+    def fits(prompt: list[int]) -> bool:  # with the grammar: the prompt and the shortest way to close the image
+        if constraint is None:
+            return len(prompt) < max_len
+        try:
+            constraint.prompt_state(prompt, max_len - len(prompt))
+            return True
+        except PromptRejected:
+            return False
+
+    completions = [c for c in completions if fits(c[2])]  # a prompt the context cannot hold is left out
+    if not fits([tokenizer.bos_id]):
+        num_unconditional = 0
     prompts = [[tokenizer.bos_id]] * num_unconditional + [c[2] for c in completions]
+    if not prompts:
+        raise ValueError(f"max_len {max_len} holds no whole image")
 
     def broadcast(ids: torch.Tensor) -> torch.Tensor:
         dist.broadcast(ids, src=0)
@@ -91,7 +107,7 @@ def sample_grid(model, tokenizer, codec: dict, bodies: list[bytes], step: int, r
         gens = generate(model, prompts, max_len, SamplingParams(), tokenizer.eos_id,
                         EOIDetector(tokenizer.token_bytes()), torch.Generator(device=device).manual_seed(seed),
                         suppress_ids=[tokenizer.unk_id], sync_tokens=broadcast if distributed else None,
-                        max_len=max_len)
+                        max_len=max_len, constraint=constraint)
     finally:
         model.train(was_training)
 

@@ -6,7 +6,9 @@
 
 The library behind `jpeglm sample` (trainer/sample.py, the command) and `jpeglm eval` (evaluation/completion.py):
 typed parameters, no argparse. Decoding is trainer/generate.py's: batched, with a KV cache, stopping at EOS, at
-JPEG EOI (FF D9) or at the token limit. Every sample is repaired (pipeline.repair) and decoded (`render`).
+JPEG EOI (FF D9) or at the token limit. With constrain="jpeg" (the default) the JPEG grammar keeps every sample a
+whole image (trainer.generate.JpegConstraint); every sample is repaired if needed (pipeline.repair), decoded
+(`render`) and checked by a strict decoder (pipeline.strict_decode: libjpeg-turbo with warnings fatal).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from jpeglm.errors import UserError
-from trainer.generate import EOIDetector, GenerationStats, SamplingParams, generate
+from trainer.generate import EOIDetector, GenerationStats, JpegConstraint, SamplingParams, generate
 from trainer.loading import LoadedModel
 
 log = logging.getLogger("jpeglm.sample")
@@ -79,6 +81,17 @@ class SampleResult:
     jpeg_bytes: int
     complete: bool
     mcu_fraction: float  # share of the image's MCUs whose data is all there
+    strict: bool  # the saved JPEG passes a strict decoder (libjpeg-turbo, warnings fatal)
+
+
+CONSTRAIN_CHOICES = ("jpeg", "none")
+
+
+def jpeg_constraint(tokenizer, codec: dict) -> JpegConstraint:
+    """The sampler's JPEG grammar for a checkpoint's codec (size, quality) and tokenizer."""
+    from pipeline.jpeg_grammar import JpegGrammar
+
+    return JpegConstraint(JpegGrammar(codec["size"], codec["quality"]), tokenizer.token_bytes(), tokenizer.bos_id)
 
 
 def render(data: bytes, codec: dict):
@@ -126,13 +139,16 @@ def prompt_jobs(prompts: list[str], ratio: float, tokenizer, codec: dict, limit:
 
 def sample_to_folder(loaded: LoadedModel, device: torch.device, out: str, params: SamplingParams, seed: int,
                      batch: int, num: int, prompts: list[str] | None = None, ratio: float = 0.375,
-                     max_tokens: int | None = None) -> dict:
+                     max_tokens: int | None = None, constrain: str = "jpeg") -> dict:
     """`num` samples (per prompt image, when `prompts` are given: completions of their top `ratio`) into `out`:
     sample-NNNN.jpg/.png, grid.png and summary.json (returned). Identical arguments give identical images.
-    max_tokens: per image, BOS and prompt included (default: the model's context)."""
+    max_tokens: per image, BOS and prompt included (default: the model's context). constrain: "jpeg" (every
+    sample a whole, strictly decodable image) or "none" (the paper's unconstrained sampling)."""
     from tqdm import tqdm
 
     from pipeline import codec as jpeg
+    from pipeline.strict_decode import strict_decodable
+    from trainer.generate import PromptRejected
     from trainer.grids import ending_label, make_grid, square_rows
 
     model, tok, codec = loaded.model, loaded.tokenizer, loaded.codec
@@ -144,6 +160,13 @@ def sample_to_folder(loaded: LoadedModel, device: torch.device, out: str, params
         log.warning("--max-tokens %d exceeds the model's context (max_seq_len %d): images stop at %d tokens",
                     max_tokens, model.cfg.max_seq_len, model.cfg.max_seq_len)
     jobs = prompt_jobs(prompts or [], ratio, tok, codec, max_total)
+    constraint = jpeg_constraint(tok, codec) if constrain == "jpeg" else None
+    if constraint is not None:
+        for label, prompt_ids, _, _ in jobs:  # before any decoding: a prompt the grammar refuses is the user's to fix
+            try:
+                constraint.prompt_state(prompt_ids, max_total - len(prompt_ids))
+            except PromptRejected as e:
+                raise SampleError(f"--prompt {label}: {e}" if label else str(e)) from None
     os.makedirs(out, exist_ok=True)
 
     records: list[SampleResult] = []
@@ -161,7 +184,7 @@ def sample_to_folder(loaded: LoadedModel, device: torch.device, out: str, params
             b = min(batch, remaining)
             steps_before = stats.steps
             gens = generate(model, [prompt_ids] * b, max_total - len(prompt_ids), params, tok.eos_id, eoi, generator,
-                            stats=stats, suppress_ids=[tok.unk_id])
+                            stats=stats, suppress_ids=[tok.unk_id], constraint=constraint)
             for g in gens:
                 name = f"sample-{len(records):04d}"
                 body_out = tok.decode(prompt_ids + g.tokens)
@@ -172,7 +195,8 @@ def sample_to_folder(loaded: LoadedModel, device: torch.device, out: str, params
                 image.save(os.path.join(out, name + ".png"))
                 records.append(SampleResult(name + ".jpg", label, len(prompt_ids), len(g.tokens), g.stop, ending,
                                             len(body_out), hashlib.sha256(body_out).hexdigest(), len(report.jpeg),
-                                            report.complete, round(report.mcu_fraction, 4)))
+                                            report.complete, round(report.mcu_fraction, 4),
+                                            strict_decodable(report.jpeg)))
                 row_images.append(image)
                 row_labels.append(f"{name[7:]}: {ending}")
             remaining -= b
@@ -199,9 +223,10 @@ def sample_to_folder(loaded: LoadedModel, device: torch.device, out: str, params
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "sampling": asdict(params) | {"seed": seed, "batch": batch, "max_tokens": max_total},
+        "sampling": asdict(params) | {"seed": seed, "batch": batch, "max_tokens": max_total, "constrain": constrain},
         "prompts": prompts or [],
         "ratio": ratio if prompts else None,
+        "strict_fraction": sum(r.strict for r in records) / len(records) if records else 0.0,
         "samples": [asdict(r) for r in records],
         "timing": {
             "wall_s": round(wall, 3),
