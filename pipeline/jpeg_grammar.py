@@ -108,7 +108,8 @@ def huffman_tables(stream: bytes) -> dict[tuple[int, int], _Huffman]:
 
 
 class JpegGrammar:
-    """The canonical bodies of one size and quality (see the module docstring). Not thread-safe (lazy memo)."""
+    """The canonical bodies of one size and quality (see the module docstring). Threads may share one: the lazy
+    memo's writes are idempotent."""
 
     def __init__(self, size: int = SIZE, quality: int = QUALITY):
         self.size, self.quality = size, quality
