@@ -171,7 +171,7 @@ def run(num: int, seed: int = 0, bodies: dict | None = None, djpeg_every: int = 
     kinds = sorted(MUTATIONS)
     counts: dict = defaultdict(Counter)
     found: dict = {"grammar_accepts_judge_rejects": [], "judge_accepts_grammar_rejects": []}
-    judges = Counter()
+    judges, stricter = Counter(), Counter()
     for i in range(num):
         size = 256 if i % 8 == 0 else 64
         g, pool = grammars[size], bodies[size]
@@ -191,8 +191,10 @@ def run(num: int, seed: int = 0, bodies: dict | None = None, djpeg_every: int = 
         if grammar_ok != judge_ok:
             direction = "grammar_accepts_judge_rejects" if grammar_ok else "judge_accepts_grammar_rejects"
             c[direction] += 1
+            verdict = g.check(stream)
+            if not grammar_ok:
+                stricter[_reason_kind(verdict.reason)] += 1
             if len(found[direction]) < examples and not any(e["kind"] == kind for e in found[direction]):
-                verdict = g.check(stream)
                 found[direction].append({"kind": kind, "size": size, "body": name, "index": i, "judge": message,
                                          "grammar_offset": verdict.offset, "grammar_reason": verdict.reason})
         if djpeg_every and i % djpeg_every == 0:
@@ -204,7 +206,14 @@ def run(num: int, seed: int = 0, bodies: dict | None = None, djpeg_every: int = 
     return {"num": num, "seed": seed, "bodies": {s: len(b) for s, b in bodies.items()}, "total": dict(total),
             "disagreement_rate": (total["grammar_accepts_judge_rejects"] + total["judge_accepts_grammar_rejects"])
             / max(1, num),
-            "by_kind": {k: dict(counts[k]) for k in kinds}, "examples": found, "judges_compared": dict(judges)}
+            "by_kind": {k: dict(counts[k]) for k in kinds},
+            "judge_accepts_grammar_rejects_by_reason": dict(stricter.most_common()), "examples": found,
+            "judges_compared": dict(judges)}
+
+
+def _reason_kind(reason: str) -> str:
+    """The grammar's reason without its numbers: 'MCU N of N is complete: N where a marker (N) must follow'."""
+    return re.sub(r"RST\d", "RSTn", re.sub(r"\b(?!AC\b|DC\b)[0-9A-F]+\b", "N", reason))
 
 
 def main() -> None:

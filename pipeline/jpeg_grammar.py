@@ -30,6 +30,7 @@ warm-up `advance` does a list lookup per byte. Shortest completions are found by
 from __future__ import annotations
 
 import heapq
+from array import array
 from dataclasses import dataclass
 
 from pipeline.codec import QUALITY, SIZE, canonical_header, parse_header, tables
@@ -37,12 +38,14 @@ from pipeline.codec import QUALITY, SIZE, canonical_header, parse_header, tables
 State = int
 
 _UNKNOWN, _INVALID = -2, -1
-# Decoder states at a byte boundary that are not inside an MCU (the in-MCU ones are >= 2 * 2048).
+# Decoder states at a byte boundary that are not inside an MCU (the in-MCU ones are >= 2 * 2048). An odd state is
+# the even one with a stuffing 00 due (its last data byte was FF).
 _DONE = 0  # the MCU's data is complete: a marker (FF) must follow
-_DONE_STUFF = 1  # complete, but its last data byte was FF: 00 must follow
+_DONE_STUFF = _DONE + 1  # complete, but its last data byte was FF: 00 must follow
 _MARK = 2  # FF of a marker read: RSTn or EOI must follow
-_END = 3  # EOI read
+_END = 4  # EOI read
 _MCU_STRIDE = 1 << 30  # state = (mcu + 1) * _MCU_STRIDE + decoder state; header positions are below it
+_UNKNOWN_ROW = array("i", [_UNKNOWN] * 256)
 _MCU_END = None  # bit-level: the last block of the MCU is finished
 _NO_PATH = 1 << 30  # fewest bits to finish, where nothing finishes
 
@@ -105,7 +108,8 @@ def huffman_tables(stream: bytes) -> dict[tuple[int, int], _Huffman]:
 
 
 class JpegGrammar:
-    """The canonical bodies of one size and quality (see the module docstring). Not thread-safe (lazy memo)."""
+    """The canonical bodies of one size and quality (see the module docstring). Threads may share one: the lazy
+    memo's writes are idempotent."""
 
     def __init__(self, size: int = SIZE, quality: int = QUALITY):
         self.size, self.quality = size, quality
@@ -125,7 +129,8 @@ class JpegGrammar:
         self._start_sub = self._encode(0, 0, 0, 1)
         self._first_entropy_state = _MCU_STRIDE + self._start_sub
         self._complete_state = self.mcus * _MCU_STRIDE + _END
-        self._trans: dict[int, list[int]] = {}  # decoder state -> next state per byte (_UNKNOWN until computed)
+        # decoder state -> next state per byte (_UNKNOWN until computed); int32 arrays: 1 KB per state, no int objects
+        self._trans: dict[int, array] = {}
         self._block_min: dict[tuple[int, int], int] = {}
         self._node_min: dict[tuple[int, int, int], int] = {}
         self._tail: dict[int, bytes] = {}  # decoder state -> shortest bytes to _DONE
@@ -149,6 +154,11 @@ class JpegGrammar:
         mcu, sub = divmod(state, _MCU_STRIDE)
         trans = self._trans
         for b in data:
+            if sub & 1:  # a stuffing 00 is due
+                if b:
+                    return None
+                sub -= 1
+                continue
             if sub == _MARK:
                 if mcu < self.mcus and b == 0xD0 + (mcu - 1) % 8:
                     mcu, sub = mcu + 1, self._start_sub
@@ -159,7 +169,7 @@ class JpegGrammar:
                 return None
             row = trans.get(sub)
             if row is None:
-                row = trans[sub] = [_UNKNOWN] * 256
+                row = trans[sub] = _UNKNOWN_ROW[:]
             nxt = row[b]
             if nxt < 0:
                 if nxt == _INVALID:
@@ -288,10 +298,10 @@ class JpegGrammar:
             return (_MARK, "") if b == 0xFF else (_INVALID, f"{b:02X} where a marker (FF) must follow")
         if sub == _END:
             return _INVALID, "data after EOI"
-        if sub == _DONE_STUFF or sub & 1:
+        if sub & 1:
             if b:
                 return _INVALID, f"data byte FF followed by {b:02X}, not the stuffing 00"
-            return (_DONE if sub == _DONE_STUFF else sub - 1), ""
+            return sub - 1, ""
         st = self._decode(sub)
         for i in range(7, -1, -1):
             st = self._bit(st, (b >> i) & 1)

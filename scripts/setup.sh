@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make setup`: everything jpeglm needs, in .venv, with a line per step (the first run takes ~3 minutes).
 #
-# 1. system libraries pillow-simd is built against (a C compiler, libjpeg-turbo, zlib, libwebp headers): installed
-#    with apt-get when missing and running as root on Debian/Ubuntu, else we stop with the exact command to run;
+# 1. system libraries pillow-simd is built against (a C compiler, libjpeg-turbo, zlib, libwebp headers) and the
+#    strict JPEG judge (libjpeg-turbo-progs: djpeg, libturbojpeg): installed with apt-get when missing and running
+#    as root on Debian/Ubuntu, else we stop with the exact command to run;
 # 2. the virtual environment;
 # 3. pillow-simd built from source once into the wheelhouse (AVX2 where the CPU has it), with WebP;
 # 4. the project and its test extras in one pip resolver run pinned by the constraints file (CPU torch), `pip check`;
@@ -54,6 +55,24 @@ if [ ! -f "$BUILT" ]; then
         else
             fail "pillow-simd needs a C compiler and the headers of libjpeg-turbo, zlib and libwebp (missing: ${missing[*]})"
         fi
+    fi
+fi
+
+# The strict JPEG judge (pipeline/strict_decode.py): `djpeg -strict` and libturbojpeg, from libjpeg-turbo-progs.
+if ! command -v djpeg >/dev/null 2>&1 || ! { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } \
+        | grep -q 'libturbojpeg\.so\.0'; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        step "installing the strict JPEG judge (libjpeg-turbo-progs: djpeg, libturbojpeg) with apt-get (~15 s)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >/dev/null || fail "apt-get update failed; install libjpeg-turbo-progs yourself and rerun"
+        apt-get install -y -qq --no-install-recommends libjpeg-turbo-progs >/dev/null 2>&1 \
+            || fail "apt-get install libjpeg-turbo-progs failed; install it yourself and rerun"
+    elif command -v apt-get >/dev/null 2>&1; then
+        fail "the strict JPEG judge needs djpeg and libturbojpeg. Run: sudo apt-get install libjpeg-turbo-progs"
+    elif command -v brew >/dev/null 2>&1; then
+        fail "the strict JPEG judge needs djpeg and libturbojpeg. Run: brew install jpeg-turbo"
+    else
+        fail "the strict JPEG judge needs libjpeg-turbo's djpeg and libturbojpeg (Debian: libjpeg-turbo-progs)"
     fi
 fi
 

@@ -247,3 +247,19 @@ def test_missing_turbojpeg_is_a_user_error(monkeypatch):
             strict_decode.strict_decodable(b"\xff\xd8")
     finally:
         strict_decode._library.cache_clear()
+
+
+@pytest.mark.parametrize("size,quality", [(16, 25), (48, 75), (72, 25), (128, 10)])
+def test_other_sizes_and_qualities(size, quality):
+    """Any size (72: partial MCUs at the edges) and quality: tables and MCU count come from the codec's stream."""
+    from pipeline.sample_images import photo_bytes
+
+    g = JpegGrammar(size, quality)
+    assert g.mcus == (-(-size // 16)) ** 2
+    for name in ("chelsea.jpg", "camera.jpg"):
+        body = codec.canonicalize(photo_bytes(name), size, quality)
+        assert g.check(body).ok, g.check(body)
+        half = g.advance(g.start(), body[: len(body) // 2])
+        done = body[: len(body) // 2] + g.shortest_completion(half)
+        assert g.check(done).ok and strict_decodable(codec.assemble(done, quality))
+    assert JpegGrammar(size + 16, quality).check(body).offset < len(g.header)  # another size's header
