@@ -119,6 +119,9 @@ bench-sample: setup
 	$(BIN)/python bench/bench_sample.py --out bench/results/sample.json --full-image
 	$(BIN)/python bench/bench_sample.py --out bench/results/sample-threads.json --presets '' --threads-check \
 	    --repeat 3 --new-tokens 128 --tokens-per-image 64
+	$(BIN)/python bench/bench_grammar.py --out bench/results/grammar.json
+	@test -f $(DEMO_OUT)/run/summary.json || $(MAKE) demo
+	$(BIN)/python bench/bench_constrained.py --out bench/results/constrained.json --checkpoint $(DEMO_OUT)/run
 
 bench-eval: setup eval-weights
 	@test -f $(DEMO_OUT)/run/summary.json || $(MAKE) demo

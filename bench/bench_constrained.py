@@ -11,8 +11,7 @@ Face `LlamaForCausalLM.generate` on the same weights.
   preset's architecture (random weights, max_seq_len raised to fit): trainer.generate.generate vs
   transformers' generate (min_new_tokens = max_new_tokens, so both decode exactly as many tokens). Process CPU time
   is the figure to compare on a shared machine; wall time is reported beside it.
-- grammar: microseconds per token of JpegGrammar.advance over real bodies (cold: first pass; warm: memoized), the
-  per-token cost the constrained sampler adds at most.
+The grammar's own cost per token (cold and warm) is bench/bench_grammar.py's.
 """
 
 from __future__ import annotations
@@ -147,34 +146,6 @@ def ours_vs_hf(args) -> dict:
     return out
 
 
-def grammar_cost(args) -> dict:
-    from pipeline import codec
-    from pipeline.jpeg_grammar import JpegGrammar
-    from pipeline.sample_images import photo_bytes, photo_names
-    from pipeline.tokenizer import Tokenizer
-
-    out = {}
-    for size in (64, 256):
-        bodies = [codec.canonicalize(photo_bytes(n), size=size) for n in photo_names()]
-        tok = Tokenizer.train(bodies, 320)
-        pieces = [[tok.token_bytes()[t] for t in tok.encode(b)] for b in bodies]
-        n = sum(map(len, pieces))
-        figures = {}
-        for phase in ("cold", "warm"):
-            g = JpegGrammar(size) if phase == "cold" else grammar
-            t = time.process_time()
-            for ps in pieces:
-                s = g.start()
-                for p in ps:
-                    s = g.advance(s, p)
-                assert g.is_complete(s)
-            figures[f"{phase}_us_per_token"] = round(1e6 * (time.process_time() - t) / n, 2)
-            grammar = g
-        out[str(size)] = {"tokens": n, "bytes_per_token": round(sum(map(len, bodies)) / n, 3), **figures}
-        print(f"grammar at {size}x{size}: {figures}", flush=True)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON file to write (e.g. bench/results/constrained.json)")
@@ -186,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--hf-new-tokens", type=int, default=900, help="tokens per row against HF (default 900)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: constrained,hf,grammar")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: constrained,hf")
     args = parser.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     torch.set_num_threads(1)
@@ -194,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
                "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "load_average_at_start": os.getloadavg()}
     t0 = time.perf_counter()
-    if "grammar" not in skip:
-        results["grammar"] = grammar_cost(args)
     if "constrained" not in skip:
         results["constrained_vs_unconstrained"] = constrained_vs_unconstrained(args)
     if "hf" not in skip:
