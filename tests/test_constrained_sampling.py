@@ -140,6 +140,16 @@ def test_redraws_follow_the_renormalized_distribution(tok, constraint, bodies):
     drawn = {_constrained_draw(logits2, probs2[0], ids2[0], int(ids2[0, 0]), state, constraint, 10_000, params, g)
              for _ in range(50)}
     assert drawn <= set(allowed) and drawn
+    # A peaked distribution (low temperature) whose allowed tokens' probabilities underflow to 0 in float32: still
+    # one of them, drawn by their relative weights (never index 0, which torch.multinomial returns for denormals).
+    logits3 = torch.zeros(320)
+    logits3[[t for t in range(320) if t not in allowed]] = 40.0
+    logits3[allowed[0]] = 1.0
+    cold = SamplingParams(0.05, top_k=50, top_p=0.9)
+    probs3, ids3 = sampling_set(logits3[None], cold)
+    drawn = [_constrained_draw(logits3, probs3[0], ids3[0], int(ids3[0, 0]), state, constraint, 10_000, cold, g)
+             for _ in range(20)]
+    assert set(drawn) == {allowed[0]}
 
 
 def test_a_model_that_writes_a_real_image_is_not_disturbed(tok, constraint, bodies):

@@ -196,28 +196,30 @@ def _constrained_draw(logits_row: torch.Tensor, probs_row: torch.Tensor | None, 
             if constraint.allows(state, t, budget):
                 return t
         raise RuntimeError("no token is allowed: the grammar reached a dead end (a bug)")
+    # In log space: renormalizing the few allowed tokens of a peaked distribution (low temperature) must not
+    # underflow (torch.multinomial silently returns index 0 for a distribution of denormals).
     ids = ids_row.tolist()
-    probs = probs_row.masked_fill(ids_row == first, 0.0)
+    logp = probs_row.log()  # -inf outside the top-k/top-p set
+    excluded = ids_row == first
     for _ in range(4):
-        if not probs.sum() > 0:
+        masked = logp.masked_fill(excluded, float("-inf"))
+        if not torch.isfinite(masked).any():
             break
-        t = ids[int(torch.multinomial(probs, 1, generator=generator))]
+        t = ids[int(torch.multinomial(masked.softmax(-1), 1, generator=generator))]
         if constraint.allows(state, t, budget):
             return t
-        probs = probs.masked_fill(ids_row == t, 0.0)
-    if probs.sum() > 0:
-        keep = torch.tensor([constraint.allows(state, t, budget) for t in ids], device=probs.device)
-        probs = probs.masked_fill(~keep, 0.0)
-        if probs.sum() > 0:
-            return ids[int(torch.multinomial(probs, 1, generator=generator))]
+        excluded |= ids_row == t
+    else:
+        keep = torch.tensor([constraint.allows(state, t, budget) for t in ids], device=logp.device)
+        masked = logp.masked_fill(~keep, float("-inf"))
+        if torch.isfinite(masked).any():
+            return ids[int(torch.multinomial(masked.softmax(-1), 1, generator=generator))]
     # The top-k/top-p set holds no allowed token: the allowed tokens of the full distribution.
     mask = constraint.allowed_mask(state, budget, logits_row.device)
-    if not mask.any():
+    masked = (logits_row / params.temperature).masked_fill(~mask, float("-inf"))
+    if not torch.isfinite(masked).any():
         raise RuntimeError("no token is allowed: the grammar reached a dead end (a bug)")
-    probs = (logits_row / params.temperature).softmax(-1).masked_fill(~mask, 0.0)
-    if not probs.sum() > 0:  # every allowed token's probability underflows
-        probs = mask.float()
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(masked.softmax(-1), 1, generator=generator))
 
 
 @dataclass
