@@ -299,6 +299,10 @@ def _short(v: float) -> str:
     return f"{v:g}"
 
 
+def _approx(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def svg_histogram(hist: LogHistogram, title: str, unit: str, width: int = 520, height: int = 200) -> str:
     """Bars on a log x axis, inline SVG; the median and 99th percentile in the title."""
     bars = hist.bars()
@@ -332,7 +336,7 @@ def svg_histogram(hist: LogHistogram, title: str, unit: str, width: int = 520, h
     parts.append(f'<text x="{width - right}" y="{height - 1}" font-size="11" text-anchor="end" fill="#666">'
                  f"{_e(unit)} (log scale)</text></svg>")
     med, p99 = hist.quantile(0.5), hist.quantile(0.99)
-    stats = f"{hist.total():,} images; median ~{med:.3g}, 99% below ~{p99:.3g}"
+    stats = f"{hist.total():,} images; median ~{_approx(med)}, 99% below ~{_approx(p99)}"
     return f'<div class="chart"><h3>{_e(title)}</h3><div class="muted">{_e(stats)}</div>{"".join(parts)}</div>'
 
 
