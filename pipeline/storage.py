@@ -1,4 +1,4 @@
-"""Local paths and s3:// URIs behind one small API (fsspec / s3fs).
+"""Local paths and s3:// URIs behind one small API (fsspec / s3fs; whole-object S3 GETs through pipeline/s3get.py).
 
 S3 endpoint and credentials come from the usual AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, or an instance role), so any S3-compatible store works. Every public
