@@ -201,7 +201,7 @@ class Scan:
             if len(members) < MEMBERS_SHOWN:
                 members.append((row["status"], row["id"]))
         if len(self.groups) > GROUP_CANDIDATES:  # keep the larger half (ties: by id, so runs agree)
-            keep = sorted(self.groups.items(), key=lambda kv: (-kv[1], kv[0]))[: GROUP_CANDIDATES // 2]
+            keep = sorted(self.groups.items(), key=lambda kv: (-kv[1], kv[0]))[: max(MAX_GROUPS, GROUP_CANDIDATES // 2)]
             self.groups = Counter(dict(keep))
             self.group_members = {k: self.group_members[k] for k in self.groups if k in self.group_members}
 

@@ -145,6 +145,26 @@ def test_page_does_not_depend_on_batch_size_or_candidate_cap(output, tmp_path, m
     assert _page(root, tmp_path, "b.html") == whole
 
 
+def test_group_candidates_stay_capped_and_keep_the_largest(monkeypatch):
+    """Over GROUP_CANDIDATES distinct groups, the smaller half is dropped: the largest groups survive, with sizes
+    summed over batches."""
+    monkeypatch.setattr(report, "GROUP_CANDIDATES", 4)
+    monkeypatch.setattr(report, "MAX_GROUPS", 2)
+
+    def batch(copies: list[tuple[str, str]]):
+        rows = [dict(id=i, source=f"/d/{i}", status="duplicate", message="", duplicate_of=of) for i, of in copies]
+        return pa.Table.from_pylist(rows, schema=stats.SCHEMA).to_batches()[0]
+
+    found = report.Scan(["/d"])
+    found.add(batch([(f"big-{k}", "big") for k in range(6)] + [(f"a{k}", f"single-a{k}") for k in range(5)]))
+    assert len(found.groups) <= 4
+    found.add(batch([(f"big-{k}", "big") for k in range(6, 10)] + [(f"m{k}", "mid") for k in range(3)]
+                    + [(f"b{k}", f"single-b{k}") for k in range(5)]))
+    assert len(found.groups) <= 4
+    assert found.largest_groups(2) == [("big", 10), ("mid", 3)]
+    assert found.status == {"duplicate": 23} and found.by_input[("/d", "duplicate")] == 23
+
+
 def test_log_histogram_quantiles_within_a_bin():
     rng = np.random.default_rng(0)
     values = rng.lognormal(8, 0.6, 50_000)
