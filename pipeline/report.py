@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise ReportError(f"cannot write {args.out}: {e}") from None
     images = sum(found.status.values())
-    print(f"wrote {args.out}: {images:,} images, {len(found.status)} statuses, {len(groups)} duplicate groups shown "
-          f"({len(page) / 1e3:,.0f} KB); open it in a browser")
+    print(f"wrote {args.out}: {plural(images, 'image')}, {plural(len(found.status), 'status', 'statuses')}, "
+          f"{plural(len(groups), 'duplicate group')} shown ({len(page) / 1e3:,.0f} KB); open it in a browser")
     return 0
 
 
@@ -136,7 +136,6 @@ class Scan:
         self.columns: set[str] = set()
 
     def add(self, batch) -> None:
-        import pyarrow as pa
         import pyarrow.compute as pc
 
         names = set(batch.schema.names)
@@ -160,7 +159,7 @@ class Scan:
             self.formats[fmt] += n
         self._keep_examples(batch, status)
         if "duplicate_of" in names:
-            self._count_groups(batch, pa)
+            self._count_groups(batch)
 
     def _input_counts(self, batch, status):
         """(input, status, images) of a batch: each row to the longest input its source starts with."""
@@ -187,7 +186,7 @@ class Scan:
             keep = [c for c in ("id", "source", "message", *MATCH_COLUMNS) if c in batch.schema.names]
             have += rows.select(keep).to_pylist()
 
-    def _count_groups(self, batch, pa) -> None:
+    def _count_groups(self, batch) -> None:
         import pyarrow.compute as pc
 
         of = batch.column("duplicate_of")
@@ -201,8 +200,7 @@ class Scan:
             if len(members) < MEMBERS_SHOWN:
                 members.append((row["status"], row["id"]))
         if len(self.groups) > GROUP_CANDIDATES:  # keep the larger half (ties: by id, so runs agree)
-            keep = sorted(self.groups.items(), key=lambda kv: (-kv[1], kv[0]))[: max(MAX_GROUPS, GROUP_CANDIDATES // 2)]
-            self.groups = Counter(dict(keep))
+            self.groups = Counter(dict(self.largest_groups(max(MAX_GROUPS, GROUP_CANDIDATES // 2))))
             self.group_members = {k: self.group_members[k] for k in self.groups if k in self.group_members}
 
     def largest_groups(self, n: int = MAX_GROUPS) -> list[tuple[str, int]]:
