@@ -3,10 +3,14 @@
     python bench/bench_report.py --out bench/results/report.json [--images 1000000 3000000] [--per-file 20000]
 
 For each N: synthetic stats files of --per-file rows each (bucket files as a 23M-image job writes them: ~80% ok,
-~10% duplicates of an earlier image of the same file, ~5% near duplicates, the rest failures of 4 reasons, random
-sizes) in a temporary output with a minimal manifest, then pipeline.report.scan + render in a fresh process: its
-seconds and peak RSS (ru_maxrss) and its RSS after imports. Flat peak RSS from N to 3N is what bounded means.
-Thumbnails are not read (there are no shards): the shard reads are one ranged read per shown image.
+~10% exact duplicates of an image of the same file (a heavy tail of group sizes), ~5% near duplicates spread over
+all files as near copies are over buckets: half of them copies of a few popular images of the first file (large
+groups), half of random earlier images (hundreds of thousands of small groups, so the candidate cap and the second
+pass are exercised), the rest failures of 4 reasons, random sizes) in a temporary output with a minimal manifest,
+then pipeline.report.scan + render in a fresh process: its seconds and peak RSS (ru_maxrss) and its RSS after
+imports; flat peak RSS as N grows is what bounded means. `top_groups_exact`: the page's 8 largest groups and sizes
+equal the true ones (counted by the generator). Thumbnails are not read (there are no shards): the real report
+reads one ranged row span per shown image.
 """
 
 from __future__ import annotations
@@ -37,11 +41,15 @@ found = report.scan(out)
 page = report.render(out, found, {})
 print(json.dumps({"seconds": time.perf_counter() - t, "rss_after_imports_mb": base,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "images": sum(found.status.values()), "groups_kept": len(found.groups), "page_kb": len(page) / 1e3}))
+                  "images": sum(found.status.values()), "page_kb": len(page) / 1e3, "second_pass": found.recounted,
+                  "top_groups": found.largest_groups(report.MAX_GROUPS)}))
 """
 
 
-def write_stats(root: str, images: int, per_file: int, seed: int = 0) -> None:
+def write_stats(root: str, images: int, per_file: int, seed: int = 0) -> list:
+    """Writes the files; returns the true 8 largest groups [(kept id, copies)]."""
+    from collections import Counter
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -50,6 +58,8 @@ def write_stats(root: str, images: int, per_file: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "stats"))
     reasons = np.array(["truncated", "not_an_image", "too_small", "bad_aspect_ratio"])
+    sizes: Counter = Counter()
+    popular = None
     for f, start in enumerate(range(0, images, per_file)):
         n = min(per_file, images - start)
         ids = np.array([f"part-{(start + i) // 1000:05d}/img-{start + i:09d}.jpg" for i in range(n)], dtype=object)
@@ -60,7 +70,15 @@ def write_stats(root: str, images: int, per_file: int, seed: int = 0) -> None:
         ok_pos = np.flatnonzero(kind == 0)
         # a copy points at an earlier ok image of its file, skewed towards a few (some large groups)
         target = ok_pos[np.minimum((rng.pareto(1.2, n) * 3).astype(np.int64), ok_pos.size - 1)]
-        dup_of = np.where((kind == 1) | (kind == 2), ids[target], None)
+        dup_of = np.where(kind == 1, ids[target], None)
+        if popular is None:
+            popular = ids[ok_pos[:1000]]
+        near = np.flatnonzero(kind == 2)
+        spread = rng.random(near.size) < 0.5
+        dup_of[near[spread]] = popular[np.minimum((rng.pareto(1.0, int(spread.sum())) * 2).astype(np.int64), 999)]
+        earlier = rng.integers(0, max(1, start), int((~spread).sum()))  # any earlier image's id
+        dup_of[near[~spread]] = [f"part-{e // 1000:05d}/img-{e:09d}.jpg" for e in earlier]
+        sizes.update(d for d in dup_of if d is not None)
         tokens = rng.lognormal(8.3, 0.25, n).astype(np.int32)
         ok = kind == 0
         table = pa.table({
@@ -79,6 +97,7 @@ def write_stats(root: str, images: int, per_file: int, seed: int = 0) -> None:
                 "config": {"inputs": ["s3://crawl"]}, "shards": [], "totals": {}, "last_row_policy": "pad"}
     with open(os.path.join(root, "manifest.json"), "w") as fh:
         json.dump(manifest, fh)
+    return sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:8]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for n in args.images:
         with tempfile.TemporaryDirectory(prefix="jpeglm-bench-report-") as root:
-            write_stats(root, n, args.per_file)
+            truth = write_stats(root, n, args.per_file)
             child = subprocess.run([sys.executable, "-c", _CHILD, root], capture_output=True, text=True, check=True,
                                    cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
             r = json.loads(child.stdout.strip().splitlines()[-1])
-        r.update(images_written=n, images_per_s=round(n / r["seconds"]))
+        shown = [tuple(g) for g in r.pop("top_groups")]
+        r.update(images_written=n, images_per_s=round(n / r["seconds"]), top_groups_exact=shown == truth,
+                 largest_group=shown[0][1] if shown else 0)
         runs.append({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})
         print(json.dumps(runs[-1]))
     report = {"what": "pipeline.report.scan + render over synthetic stats files (no thumbnails), fresh process",

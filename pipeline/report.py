@@ -15,10 +15,12 @@ by record batch (`Output.stats_batches`, only the columns used), and everything 
 - histograms on fixed logarithmic bins (`LogHistogram`: 2**(1/BINS_PER_OCTAVE) wide over 2**-16 .. 2**48, so no
   first pass for the range), added to with numpy per batch;
 - examples: the first EXAMPLES_PER_STATUS rows of each status;
-- duplicate groups: sizes counted per batch; the candidates kept are capped at GROUP_CANDIDATES (the smallest
-  dropped when over). Exact duplicates of a body all lie in one stats file (its bucket is a function of the body's
-  sha256), so their group sizes are exact; a group spread over files (near duplicates) can be undercounted if it was
-  dropped while it was small and came back;
+- duplicate groups (`duplicate_of`: exact copies share a stats file, near copies are spread over the buckets):
+  candidate sizes counted per batch, at most GROUP_CANDIDATES of them (Misra-Gries: when over, every count is
+  lowered by the count ranked GROUP_CANDIDATES / 2 and those at zero dropped), which keeps every group of more
+  than 2 * copies / GROUP_CANDIDATES members (at 23M images with 7M copies: any group over 140); when anything was
+  dropped, a second pass over the `duplicate_of` column alone counts the RECOUNTED largest candidates exactly, so
+  every size shown is exact;
 - thumbnails: only the MAX_GROUPS largest groups' kept images are read back (`Output.locate_many` finds them in one
   columnar pass, then one ranged read of their rows per shard).
 """
@@ -42,6 +44,7 @@ EXAMPLES_PER_STATUS = 4
 MAX_GROUPS = 8
 MEMBERS_SHOWN = 3
 GROUP_CANDIDATES = 100_000
+RECOUNTED = 1_000
 BINS_PER_OCTAVE = 8
 # Statuses whose rows name another image in a column: what the page shows beside them.
 MATCH_COLUMNS = ("duplicate_of", "excluded_by")
@@ -131,7 +134,8 @@ class Scan:
         self.formats: Counter = Counter()
         self.hist = {name: LogHistogram() for name in ("tokens", "bytes_per_token", "source_bytes", "source_side")}
         self.examples: dict[str, list[dict]] = {}
-        self.groups: Counter = Counter()  # kept image id -> images counted as its copies
+        self.groups: Counter = Counter()  # kept image id -> copies counted (a lower bound once pruned)
+        self.pruned = self.recounted = False
         self.group_members: dict[str, list[tuple[str, str]]] = {}  # kept id -> [(status, id)] (a few)
         self.columns: set[str] = set()
 
@@ -195,13 +199,34 @@ class Scan:
             return
         for kept, n in _value_counts(copies.column("duplicate_of")):
             self.groups[kept] += n
+        self._add_members(copies)
+        if len(self.groups) > GROUP_CANDIDATES:
+            counts = np.fromiter(self.groups.values(), np.int64, len(self.groups))
+            cut = int(-np.partition(-counts, GROUP_CANDIDATES // 2)[GROUP_CANDIDATES // 2])
+            self.groups = Counter({k: n - cut for k, n in self.groups.items() if n > cut})
+            self.group_members = {k: self.group_members[k] for k in self.groups if k in self.group_members}
+            self.pruned = True
+
+    def _add_members(self, copies) -> None:
         for row in copies.select(["status", "id", "duplicate_of"]).to_pylist():
             members = self.group_members.setdefault(row["duplicate_of"], [])
             if len(members) < MEMBERS_SHOWN:
                 members.append((row["status"], row["id"]))
-        if len(self.groups) > GROUP_CANDIDATES:  # keep the larger half (ties: by id, so runs agree)
-            self.groups = Counter(dict(self.largest_groups(max(MAX_GROUPS, GROUP_CANDIDATES // 2))))
-            self.group_members = {k: self.group_members[k] for k in self.groups if k in self.group_members}
+
+    def recount(self, batches) -> None:
+        """Second pass (only when candidates were dropped): exact sizes and members of the RECOUNTED largest."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        candidates = [k for k, _ in self.largest_groups(RECOUNTED)]
+        self.groups, self.group_members = Counter(), {}
+        wanted = pa.array(candidates, pa.string())
+        for batch in batches:
+            copies = batch.filter(pc.is_in(batch.column("duplicate_of"), value_set=wanted))
+            for kept, n in _value_counts(copies.column("duplicate_of")):
+                self.groups[kept] += n
+            self._add_members(copies)
+        self.pruned, self.recounted = False, True
 
     def largest_groups(self, n: int = MAX_GROUPS) -> list[tuple[str, int]]:
         return sorted(self.groups.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
@@ -220,6 +245,9 @@ def scan(out: Output) -> Scan:
     s = Scan(out.manifest.get("config", {}).get("inputs", []))
     for batch in out.stats_batches(COLUMNS, BATCH_ROWS):
         s.add(batch)
+    if s.pruned:
+        s.recount(b for b in out.stats_batches(["status", "id", "duplicate_of"], BATCH_ROWS)
+                  if "duplicate_of" in b.schema.names)
     return s
 
 

@@ -136,33 +136,38 @@ def test_largest_groups_show_the_kept_image_decoded_from_the_shards(output, tmp_
     assert "duplicate:</span> web/c1" in page and "... 1 more" in page  # 3 members named, then a count
 
 
-def test_page_does_not_depend_on_batch_size_or_candidate_cap(output, tmp_path, monkeypatch):
-    """Streaming: 3-row batches and a cap of 2 group candidates give the same page as one batch per file."""
+def test_page_does_not_depend_on_batch_size(output, tmp_path, monkeypatch):
+    """Streaming: 3-row batches (a group's copies split over batches) give the same page as one batch per file."""
     root, _ = output
     whole = _page(root, tmp_path, "a.html")
     monkeypatch.setattr(report, "BATCH_ROWS", 3)
-    monkeypatch.setattr(report, "GROUP_CANDIDATES", 2)
     assert _page(root, tmp_path, "b.html") == whole
 
 
-def test_group_candidates_stay_capped_and_keep_the_largest(monkeypatch):
-    """Over GROUP_CANDIDATES distinct groups, the smaller half is dropped: the largest groups survive, with sizes
-    summed over batches."""
+def test_group_candidates_stay_capped_and_the_recount_is_exact(monkeypatch):
+    """Over GROUP_CANDIDATES distinct groups, counts are lowered and small ones dropped (a group spread over
+    batches, as near copies are over buckets, is undercounted); the second pass gives the largest their exact
+    sizes."""
     monkeypatch.setattr(report, "GROUP_CANDIDATES", 4)
-    monkeypatch.setattr(report, "MAX_GROUPS", 2)
 
     def batch(copies: list[tuple[str, str]]):
-        rows = [dict(id=i, source=f"/d/{i}", status="duplicate", message="", duplicate_of=of) for i, of in copies]
+        rows = [dict(id=i, source=f"/d/{i}", status="near_duplicate", message="", duplicate_of=of)
+                for i, of in copies]
         return pa.Table.from_pylist(rows, schema=stats.SCHEMA).to_batches()[0]
 
+    batches = [batch([(f"big-{k}", "big") for k in range(6)] + [(f"a{k}", f"single-a{k}") for k in range(5)]),
+               batch([(f"big-{k}", "big") for k in range(6, 10)] + [(f"m{k}", "mid") for k in range(3)]
+                     + [(f"b{k}", f"single-b{k}") for k in range(5)]),
+               batch([("m3", "mid")] + [(f"c{k}", f"single-c{k}") for k in range(5)])]
     found = report.Scan(["/d"])
-    found.add(batch([(f"big-{k}", "big") for k in range(6)] + [(f"a{k}", f"single-a{k}") for k in range(5)]))
-    assert len(found.groups) <= 4
-    found.add(batch([(f"big-{k}", "big") for k in range(6, 10)] + [(f"m{k}", "mid") for k in range(3)]
-                    + [(f"b{k}", f"single-b{k}") for k in range(5)]))
-    assert len(found.groups) <= 4
-    assert found.largest_groups(2) == [("big", 10), ("mid", 3)]
-    assert found.status == {"duplicate": 23} and found.by_input[("/d", "duplicate")] == 23
+    for b in batches:
+        found.add(b)
+        assert len(found.groups) <= 4
+    assert found.pruned and found.largest_groups(1)[0][0] == "big" and found.groups["big"] < 10
+    found.recount(batches)
+    assert found.largest_groups(2) == [("big", 10), ("mid", 4)]
+    assert found.group_members["mid"] == [("near_duplicate", f"m{k}") for k in range(3)]
+    assert found.status == {"near_duplicate": 29} and found.by_input[("/d", "near_duplicate")] == 29
 
 
 def test_log_histogram_quantiles_within_a_bin():
