@@ -1,6 +1,6 @@
 """`jpeglm report` at scale: the stats scan's time and peak memory against the number of images.
 
-    python bench/bench_report.py --out bench/results/report.json [--images 1000000 3000000] [--per-file 20000]
+    python bench/bench_report.py --out bench/results/report.json [--images 1000000 10000000 23000000] [--per-file 20000]
 
 For each N: synthetic stats files of --per-file rows each (bucket files as a 23M-image job writes them: ~80% ok,
 ~10% exact duplicates of an image of the same file (a heavy tail of group sizes), ~5% near duplicates spread over
@@ -103,7 +103,7 @@ def write_stats(root: str, images: int, per_file: int, seed: int = 0) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--images", type=int, nargs="+", default=[1_000_000, 3_000_000])
+    parser.add_argument("--images", type=int, nargs="+", default=[1_000_000, 10_000_000, 23_000_000])
     parser.add_argument("--per-file", type=int, default=20_000)
     args = parser.parse_args(argv)
     runs = []
