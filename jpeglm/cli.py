@@ -18,6 +18,7 @@ from jpeglm.errors import UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("pipeline.preprocess.cli", "images -> canonical JPEG -> BPE tokens -> packed WebDataset shards (Ray)"),
     "inspect": ("pipeline.inspect", "summarize a preprocess output; dump an image back from the shards"),
+    "report": ("pipeline.report", "a preprocess output as one HTML page: statuses, histograms, duplicates, failures"),
     "train": ("trainer.train", "train the Llama decoder with DeepSpeed ZeRO-3 on preprocessed shards"),
     "checkpoint": ("trainer.convert", "prepare a run's checkpoint to resume on another number of processes (convert)"),
     "export": ("trainer.export", "consolidate a checkpoint into safetensors (native or Hugging Face Llama format)"),

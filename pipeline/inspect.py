@@ -164,24 +164,63 @@ class Output:
                 bad.append(f"{s['path']}: {size} bytes, sha256 {h.hexdigest()[:16]}")
         return bad
 
+    def stats_batches(self, columns: list[str], batch_rows: int = 65_536) -> Iterator:
+        """The stats as Arrow record batches of at most batch_rows rows, file by file in stats_files() order, with
+        those of `columns` each file has (files of an older or newer jpeglm may lack or add columns): memory is one
+        batch, whatever the number of images."""
+        import pyarrow.parquet as pq
+
+        for uri in self.stats_files():
+            with storage.open_read(uri) as f:
+                pf = pq.ParquetFile(f)
+                present = [c for c in columns if c in pf.schema_arrow.names]
+                yield from pf.iter_batches(batch_size=batch_rows, columns=present)
+
     def locate(self, image_id: str) -> tuple[dict, int]:
         """(its stats row, offset of its BOS in its split's token stream)."""
-        offsets: dict[str, int] = {}
-        for r in self._stats_rows():
-            if r["id"] == image_id:
-                if r["status"] != "ok":
-                    raise InspectError(f"{image_id} is not in the shards: {r['status']} ({r['message']})")
-                return r, offsets.get(r["split"], 0)
-            if r["status"] == "ok":
-                offsets[r["split"]] = offsets.get(r["split"], 0) + r["tokens"] + 2
-        raise InspectError(f"no image {image_id!r} in {self.uri}/stats (see --list)")
+        found = self.locate_many([image_id])
+        if image_id not in found:
+            raise InspectError(f"no image {image_id!r} in {self.uri}/stats (see --list)")
+        rec, offset = found[image_id]
+        if rec["status"] != "ok":
+            raise InspectError(f"{image_id} is not in the shards: {rec['status']} ({rec['message']})")
+        return rec, offset
 
-    def dump(self, image_id: str) -> tuple[bytes, dict]:
-        """The image's JPEG file as decoded from the shards, and where it was found."""
+    def locate_many(self, image_ids: list[str]) -> dict[str, tuple[dict, int]]:
+        """{id: (its stats row, offset of its BOS in its split's stream)} for those of image_ids in the stats (the
+        offset is meaningful for ok images only), in one columnar pass that stops when all are found."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        wanted = pa.array(sorted(set(image_ids)), pa.string())
+        found: dict[str, tuple[dict, int]] = {}
+        offsets: dict[str, int] = {}
+        for batch in self.stats_batches(["id", "status", "message", "split", "tokens", "jpeg_bytes"]):
+            ok = pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False)
+            split = batch.column("split").to_numpy(zero_copy_only=False)
+            size = np.where(ok, batch.column("tokens").fill_null(0).to_numpy(zero_copy_only=False) + 2, 0)
+            hits = np.flatnonzero(pc.is_in(batch.column("id"), value_set=wanted).to_numpy(zero_copy_only=False))
+            for name in set(split[ok]):
+                in_split = np.where(split == name, size, 0)
+                before = offsets.get(name, 0) + np.cumsum(in_split) - in_split
+                for i in hits[split[hits] == name]:
+                    found[batch.column("id")[i].as_py()] = (batch.slice(i, 1).to_pylist()[0], int(before[i]))
+                offsets[name] = offsets.get(name, 0) + int(in_split.sum())
+            for i in hits[~ok[hits]]:
+                found[batch.column("id")[i].as_py()] = (batch.slice(i, 1).to_pylist()[0], 0)
+            if len(found) == len(wanted):
+                break
+        return found
+
+    def dump(self, image_id: str, located: tuple[dict, int] | None = None) -> tuple[bytes, dict]:
+        """The image's JPEG file as decoded from the shards, and where it was found; `located`: what locate (or
+        locate_many) gave for it, if known."""
         from pipeline import codec, packing
         from pipeline.tokenizer import Tokenizer
 
-        rec, offset = self.locate(image_id)
+        rec, offset = located or self.locate(image_id)
+        if rec["status"] != "ok":
+            raise InspectError(f"{image_id} is not in the shards: {rec['status']} ({rec['message']})")
         seq_len = self.manifest["seq_len"]
         first_row, last_row = offset // seq_len, (offset + rec["tokens"] + 1) // seq_len
         rows = []

@@ -1,4 +1,4 @@
-"""Local paths and s3:// URIs behind one small API (fsspec / s3fs).
+"""Local paths and s3:// URIs behind one small API (fsspec / s3fs; whole-object S3 GETs through pipeline/s3get.py).
 
 S3 endpoint and credentials come from the usual AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, or an instance role), so any S3-compatible store works. Every public
@@ -70,7 +70,7 @@ def _s3():
     # One instance per process; s3fs reads the usual credential chain itself.
     global _S3_FS
     if _S3_FS is None:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        endpoint = _s3_endpoint()
         client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
         # No listings cache: resume logic must see objects other processes wrote a moment ago.
         # total_max_attempts=1 (and retries=1 in the class): botocore and s3fs try once; _call_s3 retries and counts.
@@ -80,11 +80,33 @@ def _s3():
     return _S3_FS
 
 
+def _s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+
+
 def reset_s3() -> None:
-    """Forget this process's S3 client, so the next call reads AWS_ENDPOINT_URL again (benchmarks and tests that
+    """Forget this process's S3 clients, so the next call reads AWS_ENDPOINT_URL again (benchmarks and tests that
     put a proxy in front of the store)."""
-    global _S3_FS
-    _S3_FS = None
+    global _S3_FS, _S3_GETTER
+    _S3_FS = _S3_GETTER = None
+
+
+_S3_GETTER = None
+_S3_GETTER_LOCK = threading.Lock()
+
+
+def _s3_getter():
+    """The process's GET client (pipeline/s3get.py: ~1/4 of s3fs's CPU per GET), or None where it cannot be used
+    (an HTTP proxy in the environment): then s3fs GETs."""
+    global _S3_GETTER
+    from pipeline import s3get
+
+    if not s3get.usable():
+        return None
+    with _S3_GETTER_LOCK:
+        if _S3_GETTER is None:
+            _S3_GETTER = s3get.S3Getter(_s3_endpoint(), S3_MAX_POOL_CONNECTIONS)
+        return _S3_GETTER
 
 
 _S3_CLASS = None
@@ -160,8 +182,8 @@ _NETWORK_ERRORS: tuple | None = None
 
 
 def _network_errors() -> tuple[tuple, tuple, tuple]:
-    """(timeout classes, connection classes, TLS classes: never transient) of the HTTP stack under s3fs, imported
-    on first use."""
+    """(timeout classes, connection classes, TLS classes: never transient) of the HTTP stacks under s3fs and
+    pipeline/s3get.py (urllib3), imported on first use."""
     global _NETWORK_ERRORS
     if _NETWORK_ERRORS is None:
         import http.client
@@ -176,6 +198,12 @@ def _network_errors() -> tuple[tuple, tuple, tuple]:
             timeouts += [be.ReadTimeoutError, be.ConnectTimeoutError]
             connections += [be.HTTPClientError, be.ConnectionError, be.IncompleteReadError]
             never += [be.SSLError]
+        with contextlib.suppress(ImportError):
+            import urllib3.exceptions as ue
+
+            timeouts += [ue.TimeoutError]  # NewConnectionError is one too (urllib3 2.x)
+            connections += [ue.ProtocolError, ue.NewConnectionError, ue.ProxyError]
+            never += [ue.SSLError]
         with contextlib.suppress(ImportError):
             import aiohttp
 
@@ -271,12 +299,26 @@ def exists(uri: PathLike) -> bool:
 
 
 def read_bytes(uri: PathLike) -> bytes:
-    """A whole object or file, in one request on S3 (s3fs's cat_file would HEAD it first to size it)."""
+    """A whole object or file, in one request on S3 (pipeline/s3get.py; s3fs's cat_file would HEAD it first to
+    size it, and costs ~4x the client CPU per GET)."""
     uri = _fspath(uri)
     fs, path = filesystem(uri)
     if uri.startswith("s3://"):
+        getter = _s3_getter()
+        if getter is not None:
+            bucket, _, key = path.partition("/")
+            return _s3_request(lambda: getter.get(bucket, key), f"S3 GetObject {path}")
         return retry(lambda: fs.cat_file(path, max_concurrency=1), f"read {uri}")
     return retry(lambda: fs.cat_file(path), f"read {uri}")
+
+
+def _s3_request(fn: Callable[[], T], what: str) -> T:
+    """One S3 request made outside s3fs, retried and counted as CountingS3FileSystem._call_s3 retries s3fs's."""
+    try:
+        return retry(fn, what, attempts=S3_ATTEMPTS, base_delay=BACKOFF_BASE_S)
+    except Exception as e:  # noqa: BLE001 - re-raised; marked so that an enclosing retry() does not multiply
+        _mark_exhausted(e)
+        raise
 
 
 def read_range(uri: PathLike, start: int, end: int | None = None) -> bytes:

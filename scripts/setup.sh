@@ -10,6 +10,11 @@
 # 5. guards: plain `pillow` must not have replaced pillow-simd, and the built PIL must read WebP.
 #
 # Variables (set by the Makefile): PYTHON VENV CONSTRAINTS PILLOW_SIMD WHEELHOUSE SIMD_CC
+#
+# `scripts/setup.sh browser` (make setup-browser, run by make test) does one thing instead: Debian's chromium, for the
+# test that renders `jpeglm report`'s page in a real headless browser (skipped without it). Not part of make setup:
+# ~113 MB to download and ~290 MB installed (measured: apt-get install --no-install-recommends chromium, 18 s here),
+# which no pipeline or training machine needs.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -29,6 +34,30 @@ quiet_pip() {  # pip's one harmless warning about our find-links folder is noise
     return "${PIPESTATUS[0]}"
 }
 
+apt_install() {  # apt_install "~N s" PACKAGE...: as root on Debian/Ubuntu
+    local cost=$1
+    shift
+    step "installing system packages $* with apt-get ($cost)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null || fail "apt-get update failed; install $* yourself and rerun"
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 \
+        || fail "apt-get install $* failed; install them yourself and rerun"
+}
+
+# -- browser only (make setup-browser) -------------------------------------------------------------------------------
+if [ "${1:-}" = browser ]; then
+    if command -v chromium >/dev/null 2>&1 || command -v chromium-headless-shell >/dev/null 2>&1; then
+        exit 0
+    fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt_install "113 MB download, ~20 s" chromium
+    else
+        # Not fatal: only tests/test_report.py's browser test needs it, and it says it was skipped.
+        printf '>> setup: no chromium: the report browser test will be skipped (Debian: sudo apt-get install chromium)\n'
+    fi
+    exit 0
+fi
+
 # -- 1. system libraries -------------------------------------------------------------------------------------------
 have_header() {  # have_header NAME.h: the C compiler finds it
     printf '#include <stddef.h>\n#include <stdio.h>\n#include <%s>\nint main(void){return 0;}\n' "$1" | ${SIMD_CC%% *} -x c -fsyntax-only - 2>/dev/null
@@ -43,11 +72,7 @@ if [ ! -f "$BUILT" ]; then
     fi
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-            step "installing system packages ${missing[*]} with apt-get (~30 s)"
-            export DEBIAN_FRONTEND=noninteractive
-            apt-get update -qq >/dev/null || fail "apt-get update failed; install ${missing[*]} yourself and rerun"
-            apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
-                || fail "apt-get install ${missing[*]} failed; install them yourself and rerun"
+            apt_install "~30 s" "${missing[@]}"
         elif command -v apt-get >/dev/null 2>&1; then
             fail "pillow-simd needs the system packages ${missing[*]}. Run: sudo apt-get install ${missing[*]}"
         elif command -v brew >/dev/null 2>&1; then

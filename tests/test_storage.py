@@ -145,6 +145,9 @@ def test_retry_never_retries_permanent_errors(error):
     (OSError(5, "Input/output error"), "io_error"), (_client_error(503, "SlowDown"), "throttled"),
     (_client_error(429, "TooManyRequests"), "throttled"), (_client_error(500, "InternalError"), "server_error"),
     (_client_error(503, "503"), "server_error"), (_client_error(408, "RequestTimeout"), "timeout"),
+    # urllib3, under pipeline/s3get.py's GETs
+    (__import__("urllib3").exceptions.ProtocolError("Connection broken: IncompleteRead"), "connection"),
+    (__import__("urllib3").exceptions.ReadTimeoutError(None, "/k", "Read timed out."), "timeout"),
 ])
 def test_retry_counts_transient_errors_by_kind(error, kind):
     storage.take_retry_counts()
@@ -206,3 +209,20 @@ def test_s3_read_is_one_request_and_ranges_need_no_head(s3_bucket, s3_proxy):
     assert storage.read_range(f"{s3_bucket}/obj.bin", 10, 20) == bytes(range(10, 20))
     assert storage.read_range(f"{s3_bucket}/obj.bin", -4) == bytes(range(252, 256))
     assert s3_proxy.stats()["by_method"] == {"GET": 3}
+
+
+def test_s3_get_of_keys_needing_escapes_and_of_a_missing_bucket(s3_bucket, s3_proxy):
+    """read_bytes GETs through pipeline/s3get.py (its own URL quoting and signing): keys with spaces, '+', '%',
+    '#', '?', '~', '=' and non-ASCII letters read back exactly, in one GET each; a missing key or bucket is
+    FileNotFoundError at once (no retry)."""
+    names = ["a b+c.jpg", "100%/x#y?.png", "caf\u00e9/~t=1&u.jpg", "k" * 300]
+    for i, name in enumerate(names):
+        storage.write_bytes(f"{s3_bucket}/{name}", bytes([i]) * 1000)
+    s3_proxy.reset_stats()
+    storage.take_retry_counts()
+    assert [storage.read_bytes(f"{s3_bucket}/{n}") for n in names] == [bytes([i]) * 1000 for i in range(len(names))]
+    for missing in (f"{s3_bucket}/nope.jpg", "s3://no-such-bucket-jpeglm/x.jpg"):
+        with pytest.raises(FileNotFoundError):
+            storage.read_bytes(missing)
+    assert s3_proxy.stats()["by_method"] == {"GET": len(names) + 2}
+    assert storage.take_retry_counts() == {}
