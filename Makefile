@@ -110,6 +110,7 @@ bench-codec: setup
 bench-preprocess: setup
 	$(BIN)/python bench/bench_preprocess.py --out bench/results/preprocess.json
 	$(BIN)/python bench/bench_preprocess_scale.py --out bench/results/preprocess_scale.json
+	$(BIN)/python bench/bench_neardup.py --out bench/results/neardup.json
 
 bench-train: setup
 	$(BIN)/python bench/bench_train.py --out bench/results/train.json

@@ -10,7 +10,7 @@ from jpeglm.errors import UserError
 
 SPLITS = ("train", "validation")
 DEFAULTS = dict(bpe_sample=10_000, vocab_size=320, seq_len=12_288, images_per_unit=1000, shard_size="1GB",
-                val_fraction=0.01, min_side=0, last_row="pad", image_size=256, seed=0, dedup="exact",
+                val_fraction=0.01, min_side=0, last_row="pad", image_size=256, seed=0, dedup="near",
                 images_per_bucket=20_000, max_failed_fraction=0.01, near_radius=4, max_aspect_ratio=0.0)
 DEDUP_MODES = ("exact", "near", "none")
 MAX_NEAR_RADIUS = 12  # bands of >= 5 bits: wider radii match unrelated images (bench/bench_neardup.py)
