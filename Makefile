@@ -121,6 +121,7 @@ bench-preprocess: setup
 	$(BIN)/python bench/bench_preprocess_scale.py --out bench/results/preprocess_scale.json
 	$(BIN)/python bench/bench_s3_client.py --out bench/results/s3_client.json
 	$(BIN)/python bench/bench_report.py --out bench/results/report.json
+	$(BIN)/python bench/bench_neardup.py --out bench/results/neardup.json
 
 bench-train: setup
 	$(BIN)/python bench/bench_train.py --out bench/results/train.json

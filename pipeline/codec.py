@@ -40,6 +40,8 @@ Failures raise `CodecError` with `.reason` in `REASONS`:
   The default stays below Pillow's warning threshold, so with defaults Pillow never warns; a max_pixels above
   2 x PIL.Image.MAX_IMAGE_PIXELS needs that global raised too.
 - `too_small`: the shorter side is below `min_side` (default 0: accept everything).
+- `bad_aspect_ratio`: the longer side is more than `max_aspect_ratio` times the shorter (default 0: accept
+  everything); checked on the source, before the centre crop keeps only its middle square (a 4:1 banner keeps 25%).
 
 Thread safety: nothing here changes Pillow's globals. ImageFile.LOAD_TRUNCATED_IMAGES is never set: a truncated
 input is detected from Pillow's exception, and `decode_tolerant` decodes a repaired stream that always ends in EOI,
@@ -63,7 +65,7 @@ SIZE = 256
 QUALITY = 25
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
-REASONS = ("empty", "not_an_image", "truncated", "corrupt", "unsupported", "too_large", "too_small")
+REASONS = ("empty", "not_an_image", "truncated", "corrupt", "unsupported", "too_large", "too_small", "bad_aspect_ratio")
 
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
@@ -119,9 +121,11 @@ def canonicalize(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = 0,
+    max_aspect_ratio: float = 0,
 ) -> bytes:
     """Any image file Pillow can read -> the canonical JPEG-LM body (abbreviated JPEG stream without tables)."""
-    return canonicalize_with_info(data, size, quality, max_pixels=max_pixels, min_side=min_side).body
+    return canonicalize_with_info(data, size, quality, max_pixels=max_pixels, min_side=min_side,
+                                  max_aspect_ratio=max_aspect_ratio).body
 
 
 def canonicalize_with_info(
@@ -131,13 +135,14 @@ def canonicalize_with_info(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = 0,
+    max_aspect_ratio: float = 0,
 ) -> CanonicalImage:
     """`canonicalize`, also returning the source's displayed width/height and format (one decode)."""
     if size < 1 or not 1 <= quality <= 100:
         raise ValueError(f"size must be positive and quality in 1..100, got size={size}, quality={quality}")
     im = _open(data)
     source_format = im.format or ""
-    width, height = _check_size(im, max_pixels, min_side)
+    width, height = _check_size(im, max_pixels, min_side, max_aspect_ratio)
     pixels, box, orientation = _decode(im, size)
     square = _square(pixels, box, size, orientation)
     if orientation in (5, 6, 7, 8):
@@ -169,7 +174,7 @@ def _readable_formats() -> tuple[str, ...]:
     return tuple(first + [f for f in usable if f not in first])
 
 
-def _check_size(im: Image.Image, max_pixels: int, min_side: int) -> tuple[int, int]:
+def _check_size(im: Image.Image, max_pixels: int, min_side: int, max_aspect_ratio: float = 0) -> tuple[int, int]:
     width, height = im.size
     if width <= 0 or height <= 0:
         raise CodecError("corrupt", f"image has zero size {width}x{height}")
@@ -177,6 +182,9 @@ def _check_size(im: Image.Image, max_pixels: int, min_side: int) -> tuple[int, i
         raise CodecError("too_large", f"{width}x{height} = {width * height} pixels > max_pixels={max_pixels}")
     if min(width, height) < min_side:
         raise CodecError("too_small", f"{width}x{height}: shorter side < min_side={min_side}")
+    if max_aspect_ratio and max(width, height) > max_aspect_ratio * min(width, height):
+        raise CodecError("bad_aspect_ratio", f"{width}x{height}: aspect ratio "
+                                             f"{max(width, height) / min(width, height):.2f} > {max_aspect_ratio:g}")
     return width, height
 
 

@@ -22,6 +22,10 @@ OK = "ok"
 READ_ERROR = "read_error"  # the source object could not be read (missing, forbidden, unreadable tar or parquet)
 INTERNAL_ERROR = "internal_error"  # the codec raised something other than CodecError (a bug; logged, not fatal)
 DUPLICATE = "duplicate"  # the same canonical body as an earlier image (duplicate_of): packed once (--dedup exact)
+NEAR_DUPLICATE = "near_duplicate"  # pHash within --near-radius of the kept image of its group (duplicate_of)
+EXCLUDED = "excluded"  # pHash within --near-radius of an --exclude image (excluded_by): in neither split
+# Not failures: the image was fine, another copy (or the evaluation set) has it.
+DROPPED = (DUPLICATE, NEAR_DUPLICATE, EXCLUDED)
 # Reasons that say the environment is broken rather than the input (a codec this build lacks, storage that cannot
 # be read, a bug): compared to --max-failed-fraction. Every other reason is about the input's quality.
 ENVIRONMENT_REASONS = ("unsupported", READ_ERROR, INTERNAL_ERROR)
@@ -40,7 +44,9 @@ SCHEMA = pa.schema(
         pa.field("tokens", pa.int32()),  # BPE tokens of that body, without BOS/EOS
         pa.field("split", pa.string()),  # "train" / "validation" for ok images, null otherwise
         pa.field("body_sha256", pa.string()),  # hex sha256 of the canonical body (ok and duplicate images)
-        pa.field("duplicate_of", pa.string()),  # the id of the packed image with the same body (duplicate images)
+        pa.field("duplicate_of", pa.string()),  # the id of the packed image it copies (duplicate, near_duplicate)
+        pa.field("phash", pa.uint64()),  # 64-bit DCT hash of the canonical image (pipeline/phash.py); null: failed
+        pa.field("excluded_by", pa.string()),  # the id of the --exclude image it matched (excluded images)
     ]
 )
 
@@ -60,6 +66,8 @@ class ImageStat:
     split: str | None = None
     body_sha256: str | None = None
     duplicate_of: str | None = None
+    phash: int | None = None
+    excluded_by: str | None = None
 
 
 assert [f.name for f in fields(ImageStat)] == SCHEMA.names
@@ -184,8 +192,8 @@ def plural(n: int, noun: str, plural_noun: str | None = None) -> str:
 
 
 def failures(counts: Counts) -> dict:
-    """status -> count for the images that could not be used (not ok, not a duplicate)."""
-    return {k: v for k, v in counts.status.items() if k not in (OK, DUPLICATE)}
+    """status -> count for the images that could not be used (not ok, not a duplicate, not excluded)."""
+    return {k: v for k, v in counts.status.items() if k != OK and k not in DROPPED}
 
 
 def summarize(counts: Counts, *, rows: dict, shards: dict, shard_bytes: int, padding_tokens: int, dropped_tokens: int,
@@ -197,6 +205,8 @@ def summarize(counts: Counts, *, rows: dict, shards: dict, shard_bytes: int, pad
         "images": counts.images,
         "images_ok": counts.ok,
         "images_duplicate": counts.status.get(DUPLICATE, 0),
+        "images_near_duplicate": counts.status.get(NEAR_DUPLICATE, 0),
+        "images_excluded": counts.status.get(EXCLUDED, 0),
         "images_failed": sum(failed.values()),
         "failed_by_reason": failed,
         "images_by_split": counts.split_images,
@@ -239,6 +249,8 @@ def format_summary(summary: dict, this_run: bool = True) -> str:
 
     labels = [
         ("image_size", "image size (px)"), ("images", "images"), ("images_ok", "  ok"), ("images_duplicate", "  duplicate (packed once)"),
+        ("images_near_duplicate", "  near-duplicate (dropped)"), ("images_excluded", "  excluded (--exclude)"),
+        ("near_duplicates", "near-duplicate groups"), ("exclude", "exclude"),
         ("images_failed", "  failed"), ("failed_by_reason", "  failed by reason"),
         ("images_by_split", "  ok by split"), ("tokens", "tokens (with BOS/EOS)"), ("padding_tokens", "padding tokens"),
         ("dropped_tokens", "dropped tokens"), ("rows", "rows"), ("shards", "shards"), ("shard_bytes", "shard bytes"),

@@ -483,6 +483,14 @@ def test_min_side():
     assert codec.canonicalize(data)  # default 0 accepts
 
 
+def test_max_aspect_ratio_is_checked_on_the_source_either_way_round():
+    wide = encode(Image.new("RGB", (400, 100), (9, 9, 9)), "PNG")
+    tall = encode(Image.new("RGB", (100, 400), (9, 9, 9)), "PNG")
+    assert reason(wide, max_aspect_ratio=3) == reason(tall, max_aspect_ratio=3) == "bad_aspect_ratio"
+    assert codec.canonicalize(wide, max_aspect_ratio=4)  # exactly 4:1 is allowed
+    assert codec.canonicalize(wide)  # default 0 accepts
+
+
 def test_batch_of_mixed_inputs_never_raises_anything_but_codec_error(photo):
     good = encode(photo, "JPEG", quality=90)
     rng = random.Random(3)

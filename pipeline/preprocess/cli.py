@@ -100,7 +100,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                            "content), whatever the listing order (default: %(default)s)")
     pack.add_argument("--dedup", choices=DEDUP_MODES, default=DEFAULTS["dedup"],
                       help="exact: images with the same canonical JPEG are packed once, the others counted "
-                           "'duplicate' with the kept image's id; none: pack every copy (default: %(default)s)")
+                           "'duplicate' with the kept image's id; near: also near-copies (resized, re-compressed, "
+                           "slightly cropped or brightened: pHash within --near-radius bits), one kept per group "
+                           "(the smallest body sha256), the others counted 'near_duplicate'; none: pack every copy "
+                           "(default: %(default)s)")
+    pack.add_argument("--near-radius", type=int, default=DEFAULTS["near_radius"], metavar="R",
+                      help="pHash bits two images may differ in and still be near-copies (--dedup near, --exclude); "
+                           "calibrated in docs/preprocess.md (default: %(default)s)")
+    pack.add_argument("--exclude", action="append", default=[], metavar="URI",
+                      help="images that must not be trained on, e.g. an evaluation set (folder, tar or Parquet, "
+                           "local or s3://): an image that is an exact or near (--near-radius) copy of one goes into "
+                           "neither split and is counted 'excluded' with its id; repeatable")
     pack.add_argument("--last-row", choices=("pad", "drop"), default=DEFAULTS["last_row"],
                       help="each split's last partial row: pad it with EOS (masked by valid_tokens) or drop it "
                            "(default: %(default)s)")
@@ -112,6 +122,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     img.add_argument("--min-side", type=int, default=DEFAULTS["min_side"], metavar="PX",
                      help="count as too_small (and skip) images whose shorter side is below PX pixels "
                           "(default: %(default)s, keep all)")
+    img.add_argument("--max-aspect-ratio", type=float, default=DEFAULTS["max_aspect_ratio"], metavar="F",
+                     help="count as bad_aspect_ratio (and skip) images whose longer side is more than F times the "
+                          "shorter, measured on the source before the centre crop (img2dataset's "
+                          "--max_aspect_ratio; default: keep all)")
     img.add_argument("--max-failed-fraction", type=_fraction, default=DEFAULTS["max_failed_fraction"], metavar="F",
                      help="stop before writing shards when more than this fraction of the images failed for "
                           "reasons that mean a broken environment (unsupported, read_error, internal_error); rerun "

@@ -10,9 +10,10 @@ from jpeglm.errors import UserError
 
 SPLITS = ("train", "validation")
 DEFAULTS = dict(bpe_sample=10_000, vocab_size=320, seq_len=12_288, images_per_unit=1000, shard_size="1GB",
-                val_fraction=0.01, min_side=0, last_row="pad", image_size=256, seed=0, dedup="exact",
-                images_per_bucket=20_000, max_failed_fraction=0.01)
-DEDUP_MODES = ("exact", "none")
+                val_fraction=0.01, min_side=0, last_row="pad", image_size=256, seed=0, dedup="near",
+                images_per_bucket=20_000, max_failed_fraction=0.01, near_radius=4, max_aspect_ratio=0.0)
+DEDUP_MODES = ("exact", "near", "none")
+MAX_NEAR_RADIUS = 12  # bands of >= 5 bits: wider radii match unrelated images (bench/bench_neardup.py)
 
 
 class PreprocessError(UserError):
@@ -32,7 +33,12 @@ def config_from_args(args: argparse.Namespace, inputs: list[str]) -> dict:
         raise PreprocessError(f"--min-side must be >= 0, got {args.min_side}")
     if args.seq_len < 2:
         raise PreprocessError("--seq-len must be >= 2")
-    return {
+    if not 0 <= args.near_radius <= MAX_NEAR_RADIUS:
+        raise PreprocessError(f"--near-radius must be in [0, {MAX_NEAR_RADIUS}], got {args.near_radius}")
+    if args.max_aspect_ratio and args.max_aspect_ratio < 1:
+        raise PreprocessError(f"--max-aspect-ratio must be >= 1 (longer side / shorter side), got "
+                              f"{args.max_aspect_ratio}")
+    config = {
         "inputs": inputs,
         "image_column": args.image_column,
         "tokenizer": None,  # filled in with the given tokenizer's fingerprint (None: fitted here)
@@ -50,6 +56,24 @@ def config_from_args(args: argparse.Namespace, inputs: list[str]) -> dict:
         "max_pixels": args.max_pixels or codec.DEFAULT_MAX_PIXELS,
         "codec": codec_params(args.image_size),
     }
+    # Curation keys only when used: outputs made without them keep their config hash (and resume).
+    excludes = getattr(args, "exclude", None) or []
+    if args.dedup == "near" or excludes:
+        config["near_radius"] = args.near_radius
+    if excludes:
+        config["exclude"] = resolve_excludes(excludes)
+    if args.max_aspect_ratio:
+        config["max_aspect_ratio"] = args.max_aspect_ratio
+    return config
+
+
+def resolve_excludes(uris: list[str]) -> list[str]:
+    from pipeline.preprocess import checks
+
+    try:
+        return checks.resolve_inputs(uris)
+    except PreprocessError as e:
+        raise PreprocessError(f"--exclude: {e}") from None
 
 
 def codec_params(size: int | None = None) -> dict:

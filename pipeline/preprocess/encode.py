@@ -2,6 +2,8 @@
 
 - `_work/encoded/NNNNNN.bin`: its ok images grouped by shuffle bucket (shuffle.py), with their body hash, stats
   and tokens;
+- `_work/encoded/NNNNNN.hashes.parquet`: position, pHash, body sha256 and id of its ok images, for the near-duplicate
+  phase (neardup.py);
 - `stats/unit-NNNNNN.parquet`: its images that could not be used, and why;
 - then its done record (results.py): counts, the bucket offsets of its file, an example per failure reason.
 """
@@ -16,8 +18,10 @@ import time
 import numpy as np
 
 from pipeline import storage
+from pipeline.phash import phash_body
 from pipeline.preprocess.faults import maybe_fault
 from pipeline.preprocess.layout import Layout
+from pipeline.preprocess.neardup import hashes_bytes
 from pipeline.preprocess.results import retry_counts, write_record
 from pipeline.preprocess.shuffle import bucket_of, group_by_bucket, order_key, unit_record
 
@@ -49,7 +53,8 @@ def canonicalize(data: bytes, config: dict):
 
     c = config["codec"]
     return codec.canonicalize_with_info(data, c["size"], c["quality"], max_pixels=config["max_pixels"],
-                                        min_side=config["min_side"])
+                                        min_side=config["min_side"],
+                                        max_aspect_ratio=config.get("max_aspect_ratio", 0))
 
 
 def encode_memory(unit_images: int | None, image_size: int, source_bytes: int = 0) -> int:
@@ -73,6 +78,7 @@ def encode_unit_task(output: str, index: int, config: dict, fingerprint: str, bu
     failed: list[stats.ImageStat] = []
     examples: dict[str, list[str]] = {}  # reason -> [id, message] of its first image in this unit
     records: list[tuple[int, bytes]] = []  # (bucket, unit_record) in unit order
+    hashes: list[tuple[int, int, bytes, str, int]] = []  # (position, phash, body sha256, id, bucket) in unit order
     batch: list[tuple[int, dict, bytes]] = []  # (position, meta, body) waiting to be tokenized
     images = 0
 
@@ -80,7 +86,10 @@ def encode_unit_task(output: str, index: int, config: dict, fingerprint: str, bu
         for (position, meta, body), ids in zip(batch, tok.encode_batch([b for _, _, b in batch], num_threads=1)):
             sha = hashlib.sha256(body).digest()
             tokens = np.asarray(ids, dtype="<u2")
-            records.append((bucket_of(order_key(sha, config["seed"]), buckets), unit_record(sha, position, meta, tokens)))
+            meta["phash"] = phash_body(body, config["codec"]["quality"])
+            bucket = bucket_of(order_key(sha, config["seed"]), buckets)
+            hashes.append((position, meta["phash"], sha, meta["id"], bucket))
+            records.append((bucket, unit_record(sha, position, meta, tokens)))
         batch.clear()
 
     for position, src in enumerate(sources.read_unit(unit)):
@@ -107,6 +116,7 @@ def encode_unit_task(output: str, index: int, config: dict, fingerprint: str, bu
     flush()
     data, offsets = group_by_bucket(records, buckets)
     storage.write_bytes(layout.encoded(index), data)
+    storage.write_bytes(layout.unit_hashes(index), hashes_bytes(hashes))
     stats.write(layout.unit_stats(index), failed)
     done = {"unit": index, "images": images, "ok": len(records), "encoded_bytes": len(data),
             "counts": stats.Counts.of(failed).to_json(), "examples": examples, "bucket_offsets": offsets,

@@ -10,7 +10,8 @@ from pipeline.preprocess.layout import Layout
 
 # Off unless set: "PHASE:INDEX:ACTION[,...]" makes the first attempt of that task exit the worker process
 # (ACTION "exit") or hang (ACTION "hang"), to prove retries and resume. PHASE:INDEX is bpe:N, encode:N (unit N),
-# bucket:N (shuffle bucket N) or shard:NAME (e.g. shard:train-000001, which dies halfway through writing that tar).
+# near:N (near-duplicate band task N), groups:0 (the group task), bucket:N (shuffle bucket N) or shard:NAME
+# (e.g. shard:train-000001, which dies halfway through writing that tar).
 FAULT_ENV = "JPEGLM_PREPROCESS_FAULT"
 
 

@@ -1,8 +1,8 @@
 """The driver: checks, then the phases in order (each resumable), then the manifest and the summary.
 
     check inputs and OUTPUT (nothing created yet) -> start/join Ray -> check the cluster sees local paths ->
-    claim OUTPUT (_work/config.json) -> plan -> tokenizer -> encode -> environment-failure check -> shuffle
-    buckets -> shards -> manifest.json (last) + summary.json
+    claim OUTPUT (_work/config.json) -> plan -> tokenizer -> encode -> environment-failure check -> [--exclude
+    hashes, near-duplicate bands and groups] -> shuffle buckets -> shards -> manifest.json (last) + summary.json
 
 It holds metadata only: one int per unit (plan), running totals, each bucket's token counts and the manifest's shard
 entries; never a per-image list. Images and tokens move through OUTPUT, never through the driver or Ray's object
@@ -27,6 +27,9 @@ from pipeline.preprocess.bpe import bpe_sample_task, fit_memory, fit_tokenizer_t
 from pipeline.preprocess.config import (DEFAULTS, SPLITS, PreprocessError, config_difference, config_from_args,
                                         config_hash, pretty_json)
 from pipeline.preprocess.encode import encode_memory, encode_unit_task
+from pipeline.preprocess.exclude import exclude_phase
+from pipeline.preprocess.neardup import active as near_active
+from pipeline.preprocess.neardup import curation_report, near_phase
 from pipeline.preprocess.layout import OUR_ENTRIES, UNFINISHED_WORK_ENTRIES, Layout
 from pipeline.preprocess.plan import Plan, bpe_sample_plan, plan_units
 from pipeline.preprocess.results import RESULT_CHUNK, ResultLog, add_retries
@@ -124,6 +127,9 @@ class Job:
             lap("encode")
             checks.check_environment_failures(encoded.images, stats.failures(encoded.failed),
                                               {r: e for r, (_, e) in encoded.examples.items()}, max_failed_fraction)
+            curation = self._curation_phase(plan, encoded, in_flight)
+            if curation:
+                lap("neardup")
             bucket_tokens, bucket_counts, bucket_retries = self._bucket_phase(plan, encoded, tok_meta, in_flight)
             lap("shuffle")
             manifest, shard_totals, shard_retries = self._shard_phase(bucket_tokens, bucket_counts.split_images,
@@ -150,7 +156,11 @@ class Job:
         summary["image_size"] = self.config["codec"]["size"]
         summary["phase_seconds"] = phases
         manifest["images"] = {"total": total.images, "ok": total.ok,
-                              "duplicate": total.status.get(stats.DUPLICATE, 0), "failed": stats.failures(total)}
+                              "duplicate": total.status.get(stats.DUPLICATE, 0),
+                              "near_duplicate": total.status.get(stats.NEAR_DUPLICATE, 0),
+                              "excluded": total.status.get(stats.EXCLUDED, 0), "failed": stats.failures(total)}
+        for key, value in curation_report(self.config, curation, total).items():
+            manifest[key] = summary[key] = value
         manifest["stats"] = {"path": "stats/", "files": plan.units + plan.buckets}
         storage.write_bytes(self.layout.summary, pretty_json(summary))
         storage.write_bytes(self.layout.manifest, pretty_json(manifest))  # last: the output is complete
@@ -255,6 +265,15 @@ class Job:
             totals.add(i, record)
             images_this_run += record["images"]
         return totals, images_this_run
+
+    def _curation_phase(self, plan: Plan, encoded: EncodeTotals, in_flight: int) -> dict:
+        """--exclude and --dedup near (exclude.py, neardup.py); {} when neither is asked for."""
+        if not near_active(self.config):
+            return {}
+        excluded = exclude_phase(self.layout, self.config, in_flight) if self.config.get("exclude") else None
+        groups = near_phase(self.layout, self.config, plan.units, encoded.ok, excluded["units"] if excluded else 0,
+                            in_flight)
+        return {"groups": groups, "exclude": excluded}
 
     def _bucket_phase(self, plan: Plan, encoded: EncodeTotals, tok_meta: dict,
                       in_flight: int) -> tuple[np.ndarray, stats.Counts, Counter]:

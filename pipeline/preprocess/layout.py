@@ -7,6 +7,12 @@
     _work/encoded/NNNNNN.bin          unit N's ok images, grouped by shuffle bucket (shuffle.py's record format)
     _work/encoded/done/...            unit done records and their consolidated chunks (results.py)
     _work/encoded/index/NNNNNN.u64    bucket offsets of the units of the chunk starting at unit N (bucket-major)
+    _work/encoded/NNNNNN.hashes.parquet  unit N's ok images: position, pHash, body sha256, id (neardup.py)
+    _work/exclude/...                 the --exclude images: units/, hashes/NNNNNN.parquet, done/ (exclude.py)
+    _work/neardup/plan.json           partitions per band (fixed on the first run)
+    _work/neardup/pairs/KK-PPPPPP.*   band K, partition P: near pairs and matches of excluded hashes (.npy)
+    _work/neardup/done/...            band task done records; groups.json: the group task's (written last)
+    _work/neardup/drops/BBBBBB.parquet  bucket B's near_duplicate and excluded images
     _work/buckets/NNNNNN.SPLIT.u16    bucket N's token stream of one split (BOS + tokens + EOS per image)
     _work/buckets/done/...            bucket done records and chunks
     _work/shards/done/...             shard done records (manifest entries) and chunks
@@ -42,6 +48,11 @@ class Layout:
     encoded_done = property(lambda self: self.path("_work", "encoded", "done"))
     buckets_done = property(lambda self: self.path("_work", "buckets", "done"))
     shards_done = property(lambda self: self.path("_work", "shards", "done"))
+    near_plan = property(lambda self: self.path("_work", "neardup", "plan.json"))
+    near_done = property(lambda self: self.path("_work", "neardup", "done"))
+    near_groups_done = property(lambda self: self.path("_work", "neardup", "groups.json"))
+    exclude_plan = property(lambda self: self.path("_work", "exclude", "plan.json"))
+    exclude_done = property(lambda self: self.path("_work", "exclude", "done"))
 
     def unit(self, i: int) -> str:
         return self.path("_work", "units", f"{i:06d}.json")
@@ -51,6 +62,24 @@ class Layout:
 
     def encoded(self, unit: int) -> str:
         return self.path("_work", "encoded", f"{unit:06d}.bin")
+
+    def unit_hashes(self, unit: int) -> str:
+        return self.path("_work", "encoded", f"{unit:06d}.hashes.parquet")
+
+    def exclude_unit(self, i: int) -> str:
+        return self.path("_work", "exclude", "units", f"{i:06d}.json")
+
+    def exclude_hashes(self, i: int) -> str:
+        return self.path("_work", "exclude", "hashes", f"{i:06d}.parquet")
+
+    def near_pairs(self, band: int, part: int) -> str:
+        return self.path("_work", "neardup", "pairs", f"{band:02d}-{part:06d}.pairs.npy")
+
+    def near_matches(self, band: int, part: int) -> str:
+        return self.path("_work", "neardup", "pairs", f"{band:02d}-{part:06d}.matches.npy")
+
+    def near_drops(self, bucket: int) -> str:
+        return self.path("_work", "neardup", "drops", f"{bucket:06d}.parquet")
 
     def bucket_index(self, first_unit: int) -> str:
         return self.path("_work", "encoded", "index", f"{first_unit:06d}.u64")

@@ -33,11 +33,13 @@ import numpy as np
 from pipeline import storage
 from pipeline.preprocess.faults import maybe_fault
 from pipeline.preprocess.layout import Layout
+from pipeline.preprocess.neardup import active as near_active
+from pipeline.preprocess.neardup import load_drops
 from pipeline.preprocess.ranged import read_ranges
 from pipeline.preprocess.results import retry_counts, write_record
 
 # One record per ok image in a unit's file: body sha256, position in the unit, meta JSON length, token count;
-# then the meta JSON (id, source, source_bytes, source_format, source_width, source_height, jpeg_bytes) and the
+# then the meta JSON (id, source, source_bytes, source_format, source_width, source_height, jpeg_bytes, phash) and the
 # body's tokens (uint16 little endian, without BOS/EOS).
 UNIT_RECORD = struct.Struct("<32sIII")
 INDEX_DTYPE = np.dtype("<u8")
@@ -157,7 +159,8 @@ def shuffle_bucket_task(output: str, bucket: int, buckets: int, units: int, chun
     start = time.perf_counter()
     slices = bucket_slices(layout, bucket, units, chunk)
     passes = max(1, math.ceil(sum(e - s for _, s, e in slices) / max(1, pass_bytes)))
-    dedup, seed, val_fraction = config["dedup"] == "exact", config["seed"], config["val_fraction"]
+    dedup, seed, val_fraction = config["dedup"] in ("exact", "near"), config["seed"], config["val_fraction"]
+    drops = load_drops(layout, bucket) if near_active(config) else {}  # near_duplicate / excluded (neardup.py)
     with storage.atomic_writer(layout.bucket_stream(bucket, "train")) as train, \
             storage.atomic_writer(layout.bucket_stream(bucket, "validation")) as validation, \
             storage.atomic_writer(layout.bucket_stats(bucket)) as stats_file, \
@@ -175,8 +178,16 @@ def shuffle_bucket_task(output: str, bucket: int, buckets: int, units: int, chun
                 rec = stats.ImageStat(id=im.meta["id"], source=im.meta["source"], status=stats.OK,
                                       source_bytes=im.meta["source_bytes"], source_format=im.meta["source_format"],
                                       source_width=im.meta["source_width"], source_height=im.meta["source_height"],
-                                      jpeg_bytes=im.meta["jpeg_bytes"], tokens=len(im.tokens), body_sha256=sha.hex())
-                if dedup and sha == kept_sha:
+                                      jpeg_bytes=im.meta["jpeg_bytes"], tokens=len(im.tokens), body_sha256=sha.hex(),
+                                      phash=im.meta.get("phash"))
+                drop = drops.get((im.unit, im.position))
+                if drop is not None:
+                    rec.status, of = drop
+                    if rec.status == stats.EXCLUDED:
+                        rec.excluded_by, rec.message = of, f"matches the excluded image {of}"
+                    else:
+                        rec.duplicate_of, rec.message = of, f"near-copy of {of}"
+                elif dedup and sha == kept_sha:
                     rec.status, rec.duplicate_of = stats.DUPLICATE, kept_id
                     rec.message = f"same canonical image as {kept_id}"
                 else:

@@ -1,0 +1,358 @@
+"""The near-duplicate phase (between encode and the shuffle): which images are near-copies of another (`--dedup
+near`) or of an excluded image (`--exclude`), decided on the pHash of each canonical image (pipeline/phash.py).
+
+- The encode task writes, per unit, `_work/encoded/NNNNNN.hashes.parquet` (HASHES_SCHEMA: position, phash,
+  body_sha256, id of each ok image); the exclude stage (exclude.py) writes the same for the excluded images.
+- One band task per (band k of the R + 1 bands, partition p of P): it reads only the phash column of every unit's
+  file, keeps the hashes whose band-k value falls in partition p (a mix of the band value modulo P, so a task holds
+  about 1/P of the distinct hashes: P is fixed by NEAR_TASK_HASHES, the knob of its memory), and writes the pairs
+  within R that band k reports (pipeline/hamming.py: each pair by exactly one band), as hash values: near pairs
+  between images, matches against excluded images, and, on band 0, every hash that two images share (distance 0).
+- One group task reads those pairs (their count is the near-duplicates found, not the images), takes connected
+  components over hash values, then reads the units' files once more to place every image of a component: the kept
+  image of a component is its smallest body sha256 (then the first in listing order), a pure function of the
+  content, so the output is the same whatever the workers, partitions or order. Every other image of the component
+  with another body is `near_duplicate` (duplicate_of = the kept image's id; copies with the kept image's body stay
+  exact `duplicate`s of it, found by the bucket as before); an image within R of an excluded image is `excluded`
+  (excluded_by = the excluded image's id, the closest, then the smallest body sha256) and takes no part in groups.
+  It writes `_work/neardup/drops/BBBBBB.parquet` per shuffle bucket that has such images, then its done record.
+- The bucket task (shuffle.py) gives those images their status instead of packing them.
+Every task's outputs precede its done record (results.py): a killed job resumes where it stopped, with the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import hamming, storage
+from pipeline.stats import EXCLUDED, NEAR_DUPLICATE
+from pipeline.prefetch import ordered
+from pipeline.preprocess.faults import maybe_fault
+from pipeline.preprocess.layout import Layout
+from pipeline.preprocess.results import retry_counts, write_record
+
+log = logging.getLogger(__name__)
+
+NEAR_TASK_HASHES = 8_000_000  # hashes a band task holds at most (~40 bytes each with its sort): P = N / this
+READ_WINDOW = 16  # hash files read ahead per task
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads band values (zeros in low bits) over partitions
+
+HASHES_SCHEMA = pa.schema([pa.field("position", pa.uint32(), nullable=False),
+                           pa.field("phash", pa.uint64(), nullable=False),
+                           pa.field("body_sha256", pa.binary(32), nullable=False),
+                           pa.field("id", pa.string(), nullable=False),
+                           pa.field("bucket", pa.uint32(), nullable=False)])  # its shuffle bucket (0: excluded)
+DROPS_SCHEMA = pa.schema([pa.field("unit", pa.uint32(), nullable=False),
+                          pa.field("position", pa.uint32(), nullable=False),
+                          pa.field("status", pa.string(), nullable=False),
+                          pa.field("of", pa.string(), nullable=False)])
+PAIR_DTYPE = np.dtype([("a", "<u8"), ("b", "<u8")])
+MATCH_DTYPE = np.dtype([("train", "<u8"), ("excluded", "<u8"), ("distance", "<u1")])
+
+
+def active(config: dict) -> bool:
+    return config["dedup"] == "near" or bool(config.get("exclude"))
+
+
+def hashes_bytes(rows: list[tuple[int, int, bytes, str, int]]) -> bytes:
+    """(position, phash, body_sha256, id, bucket) rows -> a hashes file."""
+    cols = list(zip(*rows)) if rows else [[], [], [], [], []]
+    table = pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, HASHES_SCHEMA)], schema=HASHES_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def read_hashes(uris: list[str], columns: list[str]) -> Iterator[pa.Table]:
+    """The tables of these hashes files (only `columns` decoded), in order, READ_WINDOW files read ahead."""
+    return ordered(lambda u: pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=columns), uris,
+                   window=min(READ_WINDOW, max(1, len(uris))))
+
+
+def partition_of(hashes: np.ndarray, mask: int, parts: int) -> np.ndarray:
+    mixed = np.multiply(hamming.band_value(hashes, mask), _MIX)
+    return ((mixed >> np.uint64(32)) % np.uint64(parts)).astype(np.int64)
+
+
+def partitions(images: int) -> int:
+    return max(1, math.ceil(images / NEAR_TASK_HASHES))
+
+
+def band_memory(images: int, parts: int) -> int:
+    """A band task holds its partition's hashes (8 bytes, with duplicates until np.unique) and their sort (~4x)."""
+    return 48 * math.ceil(images / parts) + 2**26
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _load_npy(uri: str) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+
+
+# -- band task --------------------------------------------------------------------------------------------------
+
+
+def band_task(output: str, band: int, part: int, parts: int, units: int, exclude_units: int, radius: int,
+              near: bool) -> dict:
+    """The pairs band `band` reports among the hashes of partition `part`; see the module docstring."""
+    layout = Layout(output)
+    maybe_fault(layout, "near", band * parts + part)
+    retry_counts()
+    start = time.perf_counter()
+    masks = hamming.band_masks(radius)
+
+    def mine(uris):
+        kept = []
+        for table in read_hashes(uris, ["phash"]):
+            h = table.column("phash").to_numpy()
+            kept.append(h[partition_of(h, masks[band], parts) == part])
+        return np.concatenate(kept) if kept else np.zeros(0, np.uint64)
+
+    train = mine([layout.unit_hashes(u) for u in range(units)])
+    train, counts = np.unique(train, return_counts=True)
+    excluded = np.unique(mine([layout.exclude_hashes(u) for u in range(exclude_units)]))
+    combined = np.concatenate([train, excluded])
+    i, j = hamming.near_pairs(combined, radius, masks, band)
+    i_train, j_train = i < len(train), j < len(train)
+    pairs = np.zeros(0, PAIR_DTYPE)
+    if near:
+        both = i_train & j_train
+        pairs = np.zeros(int(both.sum()) + (int((counts > 1).sum()) if band == 0 else 0), PAIR_DTYPE)
+        n = int(both.sum())
+        pairs["a"][:n], pairs["b"][:n] = combined[i[both]], combined[j[both]]
+        if band == 0:  # hashes shared by several images: distance 0, a group of their own
+            pairs["a"][n:] = pairs["b"][n:] = train[counts > 1]
+    one = i_train != j_train
+    t = np.where(i_train, i, j)[one]
+    e = np.where(i_train, j, i)[one]
+    matches = np.zeros(len(t), MATCH_DTYPE)
+    matches["train"], matches["excluded"] = combined[t], combined[e]
+    matches["distance"] = hamming.distance(combined[t], combined[e])
+    storage.write_bytes(layout.near_pairs(band, part), _npy(np.sort(pairs)))
+    storage.write_bytes(layout.near_matches(band, part), _npy(np.sort(matches)))
+    record = {"band": band, "part": part, "hashes": len(train), "excluded_hashes": len(excluded),
+              "pairs": len(pairs), "matches": len(matches), "seconds": round(time.perf_counter() - start, 3),
+              "retries": retry_counts()}
+    write_record(layout.near_done, band * parts + part, record)
+    return record
+
+
+# -- group task -------------------------------------------------------------------------------------------------
+
+
+def group_memory(images: int) -> int:
+    """The group task holds the pairs and, for the images in groups, component, unit, position and body sha256
+    (~56 bytes each); sized for every image being in a group."""
+    return 64 * images + 2**27
+
+
+def group_task(output: str, bands: int, parts: int, units: int, exclude_units: int) -> dict:
+    """Components, kept images, `near_duplicate` / `excluded` decisions per bucket; see the module docstring."""
+    layout = Layout(output)
+    maybe_fault(layout, "groups", 0)
+    retry_counts()
+    start = time.perf_counter()
+    tasks = [(k, p) for k in range(bands) for p in range(parts)]
+    pairs = np.concatenate([_load_npy(layout.near_pairs(k, p)) for k, p in tasks])
+    matches = np.concatenate([_load_npy(layout.near_matches(k, p)) for k, p in tasks])
+    excluded_by = _excluded_by(layout, matches, exclude_units)  # train hash -> excluded image id
+    excluded_hashes = np.array(sorted(excluded_by), dtype=np.uint64)
+    if len(excluded_hashes):
+        pairs = pairs[~(np.isin(pairs["a"], excluded_hashes) | np.isin(pairs["b"], excluded_hashes))]
+    nodes, inverse = np.unique(np.concatenate([pairs["a"], pairs["b"]]), return_inverse=True)
+    label = hamming.components(len(nodes), inverse[: len(pairs)], inverse[len(pairs) :])
+    del pairs, inverse
+
+    # Every image of a component or excluded: one pass over the units' hashes files.
+    members = {k: [] for k in ("label", "unit", "position", "sha", "bucket")}
+    out = {k: [] for k in ("unit", "position", "bucket", "of")}  # dropped images; `of` indexes of_ids
+    of_ids: list[str] = []  # excluded images' ids, then the kept images' ids
+    excluded_ids = sorted(set(excluded_by.values()))
+    of_ids += excluded_ids
+    of_index = {x: i for i, x in enumerate(excluded_ids)}
+    uris = [layout.unit_hashes(u) for u in range(units)]
+    for unit, table in enumerate(read_hashes(uris, ["position", "phash", "body_sha256", "bucket"])):
+        h = table.column("phash").to_numpy()
+        pos = table.column("position").to_numpy().astype(np.int64)
+        bucket = table.column("bucket").to_numpy().astype(np.int64)
+        sha = _sha_array(table)
+        if len(excluded_hashes):
+            x = np.flatnonzero(np.isin(h, excluded_hashes))
+            out["unit"].append(np.full(len(x), unit, np.int64))
+            out["position"].append(pos[x])
+            out["bucket"].append(bucket[x])
+            out["of"].append(np.array([of_index[excluded_by[int(v)]] for v in h[x]], np.int64))
+        at = np.minimum(np.searchsorted(nodes, h), max(0, len(nodes) - 1))
+        found = nodes[at] == h if len(nodes) else np.zeros(len(h), bool)
+        members["label"].append(label[at[found]])
+        members["unit"].append(np.full(int(found.sum()), unit, np.int64))
+        members["position"].append(pos[found])
+        members["sha"].append(sha[found])
+        members["bucket"].append(bucket[found])
+    excluded = sum(len(x) for x in out["unit"])
+    m = {k: np.concatenate(v) for k, v in members.items()} if members["label"] else {}
+    del members
+    groups, near, largest = 0, 0, []
+    if m and len(m["label"]):
+        # kept = smallest (sha, unit, position) of each component: lexsort's last key is the primary one
+        order = np.lexsort((m["position"], m["unit"], m["sha"], m["label"]))
+        lab, sha_sorted = m["label"][order], m["sha"][order]
+        first = np.r_[True, lab[1:] != lab[:-1]]
+        component = np.cumsum(first) - 1  # of each sorted member
+        kept = order[first]
+        other = sha_sorted != sha_sorted[np.flatnonzero(first)[component]]  # not a copy of the kept body
+        near_components = np.unique(component[other])
+        sizes = np.bincount(component)[near_components]
+        groups, near, largest = len(near_components), int(other.sum()), sorted(sizes.tolist(), reverse=True)[:10]
+        used = np.unique(component[other])  # only the kept images that something duplicates need an id
+        kept_ids = _ids(layout, m["unit"][kept[used]], m["position"][kept[used]])
+        slot = np.full(len(kept), -1, np.int64)
+        slot[used] = np.arange(len(used)) + len(of_ids)
+        of_ids += kept_ids
+        o = order[other]
+        out["unit"].append(m["unit"][o])
+        out["position"].append(m["position"][o])
+        out["bucket"].append(m["bucket"][o])
+        out["of"].append(slot[component[other]])
+    del m
+    _write_drops(layout, out, excluded, of_ids)
+    record = {"groups": groups, "near_duplicate": near, "excluded": excluded, "largest_groups": largest,
+              "excluded_hashes": len(excluded_hashes), "seconds": round(time.perf_counter() - start, 3),
+              "retries": retry_counts()}
+    storage.write_bytes(layout.near_groups_done, json.dumps(record, sort_keys=True).encode())
+    return record
+
+
+def _write_drops(layout: Layout, out: dict, excluded: int, of_ids: list[str]) -> None:
+    """One drops file per bucket that has dropped images (the first `excluded` rows are excluded images), rows in
+    (unit, position) order."""
+    if not out["unit"]:
+        return
+    d = {k: np.concatenate(v) for k, v in out.items()}
+    status = np.where(np.arange(len(d["unit"])) < excluded, 1, 0)
+    bucket = d["bucket"]
+    order = np.lexsort((d["position"], d["unit"], bucket))
+    starts = np.flatnonzero(np.r_[True, bucket[order][1:] != bucket[order][:-1]]) if len(order) else []
+    for s, e in zip(starts, list(starts[1:]) + [len(order)]):
+        rows = order[s:e]
+        table = pa.Table.from_arrays([pa.array(d["unit"][rows], pa.uint32()), pa.array(d["position"][rows], pa.uint32()),
+                                      pa.array(np.array([NEAR_DUPLICATE, EXCLUDED])[status[rows]]),
+                                      pa.array([of_ids[i] for i in d["of"][rows].tolist()], pa.string())],
+                                     schema=DROPS_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        storage.write_bytes(layout.near_drops(int(bucket[order[s]])), buf.getvalue())
+
+
+def _sha_array(table: pa.Table) -> np.ndarray:
+    """The body_sha256 column as a numpy 'S32' array (sortable, comparable)."""
+    col = table.column("body_sha256").combine_chunks()
+    data = np.frombuffer(col.buffers()[1], dtype="S32", count=len(col) + col.offset)
+    return data[col.offset :]
+
+
+def _ids(layout: Layout, units: np.ndarray, positions: np.ndarray) -> list[str]:
+    """The ids of these (unit, position) images, reading each unit's hashes file once."""
+    wanted: dict[int, dict[int, int]] = {}
+    for x, (u, p) in enumerate(zip(units.tolist(), positions.tolist())):
+        wanted.setdefault(u, {})[p] = x
+    out = [""] * len(units)
+    todo = sorted(wanted)
+    for u, table in zip(todo, read_hashes([layout.unit_hashes(u) for u in todo], ["position", "id"])):
+        for p, image_id in zip(table.column("position").to_pylist(), table.column("id").to_pylist()):
+            if p in wanted[u]:
+                out[wanted[u][p]] = image_id
+    return out
+
+
+def _excluded_by(layout: Layout, matches: np.ndarray, exclude_units: int) -> dict[int, str]:
+    """train hash -> the id of its closest excluded image (then the smallest body sha256, then id)."""
+    if not len(matches):
+        return {}
+    wanted = set(matches["excluded"].tolist())
+    best_of_hash: dict[int, tuple[bytes, str]] = {}  # excluded hash -> (sha, id), the smallest
+    for table in read_hashes([layout.exclude_hashes(u) for u in range(exclude_units)], ["phash", "body_sha256", "id"]):
+        for h, sha, image_id in zip(table.column("phash").to_pylist(), table.column("body_sha256").to_pylist(),
+                                    table.column("id").to_pylist()):
+            if h in wanted and (h not in best_of_hash or (sha, image_id) < best_of_hash[h]):
+                best_of_hash[h] = (sha, image_id)
+    best: dict[int, tuple] = {}
+    for t, e, d in zip(matches["train"].tolist(), matches["excluded"].tolist(), matches["distance"].tolist()):
+        cand = (d, *best_of_hash[e])
+        if t not in best or cand < best[t]:
+            best[t] = cand
+    return {t: c[2] for t, c in best.items()}
+
+
+def load_drops(layout: Layout, bucket: int) -> dict[tuple[int, int], tuple[str, str]]:
+    """(unit, position) -> (status, id it duplicates or matched) for the bucket's dropped images."""
+    uri = layout.near_drops(bucket)
+    if not storage.exists(uri):
+        return {}
+    t = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    return {(u, p): (s, o) for u, p, s, o in zip(*(t.column(c).to_pylist() for c in DROPS_SCHEMA.names))}
+
+
+# -- the phase, as the driver runs it ---------------------------------------------------------------------------
+
+
+def near_phase(layout: Layout, config: dict, units: int, ok_images: int, exclude_units: int,
+               in_flight: int) -> dict:
+    """Band tasks, then the group task, each skipped when done before; returns the group task's record."""
+    from pipeline.preprocess import executor
+    from pipeline.preprocess.results import ResultLog
+
+    if storage.exists(layout.near_groups_done):
+        return json.loads(storage.read_bytes(layout.near_groups_done))
+    if storage.exists(layout.near_plan):  # partitions fixed by the first run: the done records refer to them
+        parts = json.loads(storage.read_bytes(layout.near_plan))["parts"]
+    else:
+        parts = partitions(ok_images)
+        storage.write_bytes(layout.near_plan, json.dumps({"parts": parts}).encode())
+    radius = config["near_radius"]
+    bands = len(hamming.band_masks(radius))
+    near = config["dedup"] == "near"
+    results = ResultLog(layout.near_done, bands * parts)
+    for _ in results.load():
+        pass
+    todo = results.todo()
+    task = executor.remote(band_task, band_memory(ok_images, parts))
+    for i, record in executor.run_bounded(
+            ((i, lambda i=i: task.remote(layout.output, i // parts, i % parts, parts, units, exclude_units, radius,
+                                         near)) for i in todo), in_flight, len(todo), "near-duplicates (bands)"):
+        results.add(i, record)
+    group = executor.remote(group_task, group_memory(ok_images))
+    [(_, record)] = executor.run_bounded(
+        [(0, lambda: group.remote(layout.output, bands, parts, units, exclude_units))],
+        1, 1, "near-duplicates (groups)")
+    return record
+
+
+def curation_report(config: dict, curation: dict, total) -> dict:
+    """The manifest's and summary's `near_duplicates` and `exclude` entries (only those in use)."""
+    from pipeline import stats
+
+    out = {}
+    if config["dedup"] == "near":
+        groups = curation["groups"]
+        out["near_duplicates"] = {"radius": config["near_radius"], "groups": groups["groups"],
+                                  "largest_groups": groups["largest_groups"]}
+    if config.get("exclude"):
+        ex = curation["exclude"]
+        out["exclude"] = {"inputs": config["exclude"], "radius": config["near_radius"], "images": ex["images"],
+                          "hashed": ex["hashed"], "failed": ex["failed"],
+                          "matched": total.status.get(stats.EXCLUDED, 0)}
+    return out
