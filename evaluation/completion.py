@@ -50,7 +50,7 @@ log = logging.getLogger("jpeglm.eval")
 
 
 
-# ---------------------------------------------------------------------------------------------- flags (evaluation/cli.py defines them)
+# ------------------------------------------------------------------------------------ flags (defined in cli.py)
 
 
 def _ratios(text: str) -> list[float]:

@@ -231,7 +231,8 @@ def test_run_codec_falls_back_to_the_training_data(tmp_path):
     (tmp_path / "data").mkdir()
     from pipeline.shards import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION
 
-    manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION, "codec": {"size": 48, "quality": 25}}
+    manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION,
+                "codec": {"size": 48, "quality": 25}}
     (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest))
     assert run_codec({"codec": {"size": 96, "quality": 30}, "data": {"uri": str(tmp_path / "data")}})["size"] == 96
     assert run_codec({"data": {"uri": str(tmp_path / "data")}}) == {"size": 48, "quality": 25}

@@ -10,8 +10,6 @@ checkpoint maps onto this model by renaming alone (see trainer/hf.py).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,8 +49,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated per-layer key/value buffers for incremental decoding.
 
-    `pos` is the number of positions already written; all sequences in the batch share it
-    (prompts in one batch have equal length).
+    `pos` is the number of positions already written, the same for every sequence of the batch: prompts of other
+    lengths are fed one token per step after a prefill up to the shortest (trainer/generate.py).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
@@ -171,11 +169,3 @@ class Transformer(nn.Module):
             cache.pos += t
         return self.output(self.norm(h)).float()
 
-
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats; bits per byte = loss / ln 2 * tokens / bytes."""
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
-
-
-def bits_per_token(loss_nats: float) -> float:
-    return loss_nats / math.log(2)

@@ -90,7 +90,8 @@ def load(engine, point: ResumePoint, world: int, weight_decays: list[float]) -> 
 
 
 def fix_universal_load(optimizer, weight_decays: list[float]) -> None:
-    """Work around two silent bugs of DeepSpeed 0.19.8's ZeRO-3 universal load (stack notes): every param group
+    """Work around two silent bugs of DeepSpeed 0.19.8's ZeRO-3 universal load (without this, a resume on another
+    number of processes drifts by ~1e-3; tests/test_train_distributed.py checks it is bitwise equal): every param group
     gets group 0's weight_decay, and all optimizer states share one `step` tensor (torch Adam increments it once
     per group, so bias correction goes wrong)."""
     groups = optimizer.param_groups

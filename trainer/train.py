@@ -44,7 +44,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from trainer.config import presets
 
     parser.add_argument("--config", required=True,
-                        help=f"preset name ({', '.join(presets())}: trainer/configs/NAME.yaml) or path to a YAML config")
+                        help=f"preset name ({', '.join(presets())}: trainer/configs/NAME.yaml) or a YAML file's path")
     parser.add_argument("--data",
                         help="output folder of `jpeglm preprocess` (local path or s3://bucket/prefix) "
                              "or its manifest.json (required unless --print-config)")
