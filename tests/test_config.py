@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -107,6 +109,13 @@ def test_print_config_prints_the_resolved_config_as_yaml(tmp_path, capsys):
     assert load_config(str(path)) == expected
     assert main(["train", "--config", "tiny", "--print-config", "model.n_layerz=1"]) == 2
     assert "unknown key 'model.n_layerz'" in capsys.readouterr().err
+    # A question about the config never waits for torch to import.
+    code = ("import sys; from jpeglm.cli import main; rc = main(sys.argv[1:]); "
+            "print('imported:', [m for m in ('torch', 'deepspeed') if m in sys.modules]); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--config", "1b", "--print-config"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("imported: []"), proc.stderr
+    assert yaml.safe_load(proc.stdout.rsplit("imported:", 1)[0]) == load_config("1b").to_dict()
 
 
 def test_every_field_has_a_type_a_default_and_a_doc():

@@ -30,7 +30,7 @@ import numpy as np
 from jpeglm.errors import UserError
 from trainer import checkpoint as ckpt
 from trainer import resume as resume_
-from trainer.config import ConfigError, RunConfig, gradient_accumulation_steps, load_config
+from trainer.config import ConfigError, ModelConfig, RunConfig, gradient_accumulation_steps, load_config
 from trainer.data import DataError, Manifest, SampleOrder, SampleRecord, TrainStream, ValidationSet, windows_per_row
 from trainer.ds_config import deepspeed_config
 from trainer.preemption import StopRequest
@@ -173,7 +173,7 @@ class Context:
     world: int
     gas: int
     engine: object
-    model_cfg: object
+    model_cfg: ModelConfig
     stream: TrainStream
     val: ValidationSet
     record: SampleRecord
