@@ -47,22 +47,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "trainer", "configs")
 
 
 def preset_model_config(name: str, max_seq_len: int = 12288):
-    import yaml
+    import dataclasses
 
-    from trainer.model import ModelConfig
+    from trainer.config import ConfigError, load_config
 
-    path = os.path.join(CONFIG_DIR, f"{name}.yaml")
-    if not os.path.isfile(path):
-        raise SystemExit(f"bench_sample: unknown preset {name!r} (no {path})")
-    with open(path) as f:
-        model = dict(yaml.safe_load(f)["model"])
-    model["max_seq_len"] = max(model.get("max_seq_len", 0), max_seq_len)
-    model["activation_checkpointing"] = 0
-    return ModelConfig(**model)
+    try:
+        model = load_config(name).model
+    except ConfigError as e:
+        raise SystemExit(f"bench_sample: {e}") from None
+    return dataclasses.replace(model, max_seq_len=max(model.max_seq_len, max_seq_len), activation_checkpointing=0)
 
 
 def measure_tokens_per_image() -> dict:

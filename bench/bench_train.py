@@ -44,8 +44,8 @@ CASES = {
 DEFAULT_CASES = {"cpu": ["tiny", "150m"], "cuda": ["1b", "7b-slice"]}
 
 
-def case_config(name: str, device: str, args) -> dict:
-    from trainer.ds_config import load_config
+def case_config(name: str, device: str, args):
+    from trainer.config import load_config
 
     preset, overrides = CASES[name]
     overrides = list(overrides)
@@ -60,28 +60,25 @@ def case_config(name: str, device: str, args) -> dict:
     overrides += list(args.set or [])
     cfg = load_config(preset, overrides)
     # One micro-batch per step on one process: no accumulation, so both loops do exactly the same work.
-    cfg["train"]["global_batch_size"] = cfg["train"]["micro_batch_size"]
-    cfg["train"]["device"] = device
+    cfg.train.global_batch_size = cfg.train.micro_batch_size
+    cfg.train.device = device
     return cfg
 
 
 class PlainStep:
-    def __init__(self, cfg: dict, device: str):
+    def __init__(self, cfg, device: str):
         import torch
 
-        from trainer.model import ModelConfig, Transformer
-        from trainer.optim import param_groups
+        from trainer.model import Transformer
+        from trainer.optim import build_optimizer
 
         self.torch = torch
-        self.bf16 = cfg["train"]["precision"] == "bf16"
-        self.clip = cfg["optimizer"]["grad_clip"]
+        self.bf16 = cfg.train.precision == "bf16"
+        self.clip = cfg.optimizer.grad_clip
         torch.manual_seed(0)
         with torch.device(device):
-            self.model = Transformer(ModelConfig.from_dict(cfg["model"]))
-        groups, _ = param_groups(self.model, cfg["optimizer"]["weight_decay"])
-        o = cfg["optimizer"]
-        self.opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-                                     fused=True if device == "cuda" else None)
+            self.model = Transformer(cfg.model)
+        self.opt, _ = build_optimizer(self.model, cfg.optimizer, device)
         self.model.train()
 
     def __call__(self, inputs, targets) -> float:
@@ -100,23 +97,20 @@ class PlainStep:
 
 
 class ZeRO3Step:
-    def __init__(self, cfg: dict, device: str):
+    def __init__(self, cfg, device: str):
         import deepspeed
         import torch
 
         from trainer.ds_config import deepspeed_config
-        from trainer.model import ModelConfig, Transformer
-        from trainer.optim import param_groups
+        from trainer.model import Transformer
+        from trainer.optim import build_optimizer
 
         self.torch = torch
         ds_cfg = deepspeed_config(cfg, world_size=1)
         torch.manual_seed(0)
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=cfg["zero"]["stage"] == 3 and cfg["zero"]["init"]):
-            model = Transformer(ModelConfig.from_dict(cfg["model"]))
-        groups, _ = param_groups(model, cfg["optimizer"]["weight_decay"])
-        o = cfg["optimizer"]
-        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-                                fused=True if device == "cuda" else None)
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=cfg.zero.stage == 3 and cfg.zero.init):
+            model = Transformer(cfg.model)
+        opt, _ = build_optimizer(model, cfg.optimizer, device)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
         self.engine.train()
 
@@ -140,18 +134,16 @@ def _sync(device: str) -> None:
 def run_case(name: str, device: str, args, peak: float | None) -> dict:
     import torch
 
-    from trainer.model import ModelConfig
     from trainer.metrics import throughput
 
     cfg = case_config(name, device, args)
-    model_cfg = ModelConfig.from_dict(cfg["model"])
-    t = cfg["train"]
-    batch, seq = t["micro_batch_size"], t["seq_len"]
+    model_cfg, t = cfg.model, cfg.train
+    batch, seq = t.micro_batch_size, t.seq_len
     g = torch.Generator().manual_seed(1)
     inputs = torch.randint(3, model_cfg.vocab_size, (batch, seq), generator=g).to(device)
     targets = torch.randint(3, model_cfg.vocab_size, (batch, seq), generator=g).to(device)
     print(f"[{name}] {model_cfg.num_params() / 1e6:,.1f}M non-embedding params, {model_cfg.n_layers} layers, "
-          f"d {model_cfg.d_model}; batch {batch} x {seq} tokens, {t['precision']}, {device}", flush=True)
+          f"d {model_cfg.d_model}; batch {batch} x {seq} tokens, {t.precision}, {device}", flush=True)
     steps = {"plain": PlainStep(cfg, device), "zero3": ZeRO3Step(cfg, device)}
     times: dict[str, list[float]] = {k: [] for k in steps}
     losses: dict[str, list[float]] = {k: [] for k in steps}
@@ -170,8 +162,8 @@ def run_case(name: str, device: str, args, peak: float | None) -> dict:
     out = {
         "case": name,
         "device": device,
-        "precision": t["precision"],
-        "model": cfg["model"],
+        "precision": t.precision,
+        "model": model_cfg.to_dict(),
         "seq_len": seq,
         "micro_batch": batch,
         "tokens_per_step": tokens,

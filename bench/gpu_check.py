@@ -63,8 +63,8 @@ _IMPORTS = r"""
 import importlib, importlib.metadata, json, os, sys
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if sys.argv[1] == "cpu" else "cuda")
 sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
-for name in ("bench_train", "bench_sample", "trainer.train", "trainer.distributed", "trainer.sample", "trainer.sampling", "deepspeed",
-             "deepspeed.checkpoint.ds_to_universal", "pipeline.codec", "pipeline.sample_images",
+for name in ("bench_train", "bench_sample", "trainer.train", "trainer.distributed", "trainer.sample", "trainer.sampling",
+             "deepspeed", "deepspeed.checkpoint.ds_to_universal", "pipeline.codec", "pipeline.sample_images",
              "pipeline.tokenizer"):
     importlib.import_module(name)
 dists = importlib.metadata.packages_distributions()

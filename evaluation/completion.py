@@ -41,7 +41,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,7 +55,7 @@ log = logging.getLogger("jpeglm.eval")
 
 
 
-# ---------------------------------------------------------------------------------------------- flags (evaluation/cli.py defines them)
+# ------------------------------------------------------------------------------------ flags (defined in cli.py)
 
 
 def _ratios(text: str) -> list[float]:
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     ratios = _ratios(args.ratios) if args.eval_command == "completion" else []
     params = _check_flags(args)
     ctx = _setup(args, params, ratios)
-    result = _load_result(args, ctx)
+    result = load_result(args.out, _identity(ctx))
     if args.eval_command == "completion":
         prompts = {ratio: _completion_prompts(ctx, ratio) for ratio in ratios}  # refuse before any work
         ctx.real_features = _real_features(ctx)
@@ -365,18 +365,20 @@ def _unconditional(ctx: Context) -> dict:
 # ---------------------------------------------------------------------------------------------- eval.json
 
 
-def _identity(args) -> dict:
+def _identity(ctx: Context) -> dict:
+    """What makes two evaluations comparable: the checkpoint (a run dir's resolved revision), data, images and
+    sampling."""
+    args = ctx.args
     return {"checkpoint": args.checkpoint, "data": args.data, "num": args.num, "seed": args.seed,
-            "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}}
+            "sampling": asdict(ctx.params), "revision": ctx.loaded.revision, "codec": ctx.loaded.codec,
+            "max_tokens": ctx.max_len}
 
 
-def _load_result(args, ctx: Context) -> dict:
-    """eval.json of DIR if it holds this checkpoint's evaluation on the same images (its sections are kept and
-    the one computed now replaces its own), else a fresh one. A run dir is identified by the checkpoint it
-    resolved to, so a run trained further is never mixed with its earlier figures (bits per byte included)."""
-    path = os.path.join(args.out, "eval.json")
-    identity = _identity(args) | {"revision": ctx.loaded.revision, "codec": ctx.loaded.codec,
-                                  "max_tokens": ctx.max_len}
+def load_result(out: str, identity: dict) -> dict:
+    """OUT/eval.json if it holds an evaluation with this identity (its sections are kept and the one computed now
+    replaces its own), else a fresh one. A run dir is identified by the checkpoint it resolved to, so a run trained
+    further is never mixed with its earlier figures (bits per byte included)."""
+    path = os.path.join(out, "eval.json")
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)

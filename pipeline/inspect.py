@@ -91,18 +91,10 @@ class Output:
     """A finished preprocess output: manifest.json, summary.json, stats/, shards/."""
 
     def __init__(self, uri: str):
-        self.uri = uri.rstrip("/")
-        manifest_uri = storage.join(self.uri, "manifest.json")
-        if not storage.exists(manifest_uri):
-            hint = " (unfinished: rerun the same jpeglm preprocess command)" if storage.exists(
-                storage.join(self.uri, "_work")) else ""
-            raise InspectError(f"{manifest_uri} not found: not a finished jpeglm preprocess output{hint}")
-        self.manifest = json.loads(storage.read_bytes(manifest_uri))
-        from pipeline.shards import manifest_format_problem
+        from pipeline.manifest import read_manifest
 
-        problem = manifest_format_problem(self.manifest)
-        if problem:
-            raise InspectError(f"{manifest_uri}: {problem}")
+        self.uri = uri.rstrip("/")
+        self.manifest = read_manifest(self.uri)
         summary_uri = storage.join(self.uri, "summary.json")
         self.summary = json.loads(storage.read_bytes(summary_uri)) if storage.exists(summary_uri) else None
 

@@ -340,17 +340,6 @@ def test_validation_total_is_exact_and_the_same_on_any_world_size(uneven, tmp_pa
     assert two["naive"][0] != single["naive"][0]
 
 
-def test_data_config_keys_are_checked():
-    from trainer.ds_config import ConfigError, load_config
-
-    assert load_config("7b")["data"]["prefetch_micro_batches"] == 8
-    with pytest.raises(ConfigError, match="data.prefetch_blocks was replaced by data.prefetch_micro_batches"):
-        load_config("tiny", ["data.prefetch_blocks=2"])
-    for key in ("prefetch_micro_batches", "read_threads", "shuffle_block_shards"):
-        with pytest.raises(ConfigError, match=f"data.{key} must be positive"):
-            load_config("tiny", [f"data.{key}=0"])
-
-
 def test_sample_record_keeps_the_last_attempt(tmp_path):
     batch = data.Batch(np.zeros((1, 4)), np.zeros((1, 4)), positions=[5], sample_ids=[9])
     for attempt, (rank, steps) in enumerate([(0, [1, 2, 3]), (0, [3, 4])]):

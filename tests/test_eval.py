@@ -244,23 +244,18 @@ def test_sample_grid_under_zero3_on_two_ranks(dataset, random_export, tmp_path):
 def test_eval_json_of_another_checkpoint_revision_is_replaced_not_merged(tmp_path, caplog):
     """DIR/eval.json keeps the sections of the same checkpoint and images; a run dir trained further (another
     resolved checkpoint) starts a fresh file, so no figure of the earlier step (bits per byte included) survives."""
-    import argparse
-    import types
+    from evaluation.completion import load_result
 
-    from evaluation.completion import _load_result
+    def identity(revision):
+        return {"checkpoint": "out/run", "data": "out/data", "num": 8, "seed": 0,
+                "sampling": {"temperature": 1.0, "top_k": 50, "top_p": 0.9}, "revision": revision,
+                "codec": {"size": 64, "quality": 25}, "max_tokens": 1366}
 
-    args = argparse.Namespace(checkpoint="out/run", data="out/data", num=8, seed=0, temperature=1.0, top_k=50,
-                              top_p=0.9, out=str(tmp_path))
-
-    def ctx(revision):
-        loaded = types.SimpleNamespace(revision=revision, codec={"size": 64, "quality": 25})
-        return types.SimpleNamespace(loaded=loaded, max_len=1366)
-
-    first = _load_result(args, ctx("global_step800 (step 800)"))
+    first = load_result(str(tmp_path), identity("global_step800 (step 800)"))
     first |= {"unconditional": {"fid": 1.0}, "bits_per_byte": {"bits_per_byte": 5.8, "max_tokens": 100}}
     (tmp_path / "eval.json").write_text(json.dumps(first))
-    assert _load_result(args, ctx("global_step800 (step 800)")) == first  # same step: sections kept
-    fresh = _load_result(args, ctx("global_step1600 (step 1600)"))
+    assert load_result(str(tmp_path), identity("global_step800 (step 800)")) == first  # same step: sections kept
+    fresh = load_result(str(tmp_path), identity("global_step1600 (step 1600)"))
     assert "unconditional" not in fresh and "bits_per_byte" not in fresh
     assert fresh["revision"] == "global_step1600 (step 1600)"
     assert "another revision" in caplog.text

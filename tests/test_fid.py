@@ -136,6 +136,22 @@ def test_default_weights_path_is_the_make_target(monkeypatch):
     assert f"INCEPTION := .cache/{fid.INCEPTION_FILE}" in makefile and "test: setup eval-weights" in makefile
 
 
+def test_an_installed_package_looks_for_the_weights_in_the_user_cache(monkeypatch, tmp_path):
+    """Installed (not editable), the module lies in site-packages with no checkout around it: the default is the
+    user's cache folder, never a .cache/ inside site-packages."""
+    monkeypatch.delenv("JPEGLM_INCEPTION", raising=False)
+    site = tmp_path / "site-packages" / "evaluation"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(fid, "__file__", str(site / "fid.py"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert fid.default_inception_path() == str(tmp_path / "xdg" / "jpeglm" / fid.INCEPTION_FILE)
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fid.default_inception_path() == str(tmp_path / "home" / ".cache" / "jpeglm" / fid.INCEPTION_FILE)
+    monkeypatch.setenv("JPEGLM_INCEPTION", str(tmp_path / "mine.pt"))
+    assert fid.default_inception_path() == str(tmp_path / "mine.pt")
+
+
 def test_bench_eval_feature_figures_with_small_shapes(tmp_path):
     """bench/bench_eval.py's feature benchmark end to end on 4 images (the eval timing needs `make demo`)."""
     from helpers import load_bench

@@ -229,7 +229,11 @@ def test_run_codec_falls_back_to_the_training_data(tmp_path):
     from trainer.pretrained import run_codec
 
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"codec": {"size": 48, "quality": 25}}))
+    from pipeline.shards import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION
+
+    manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION,
+                "codec": {"size": 48, "quality": 25}}
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest))
     assert run_codec({"codec": {"size": 96, "quality": 30}, "data": {"uri": str(tmp_path / "data")}})["size"] == 96
     assert run_codec({"data": {"uri": str(tmp_path / "data")}}) == {"size": 48, "quality": 25}
     assert run_codec({"data": {"uri": str(tmp_path / "moved")}}) == {"size": 256, "quality": 25}  # warned

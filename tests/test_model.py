@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from trainer.model import KVCache, ModelConfig, Transformer, apply_rope, cross_entropy_loss, rope_cos_sin
+from trainer.loss import loss_and_counts
+from trainer.model import KVCache, ModelConfig, Transformer, apply_rope, rope_cos_sin
 
 SMALL = dict(vocab_size=320, n_layers=2, d_model=64, n_heads=4, ffn_dim=160, max_seq_len=128)
 
@@ -100,12 +101,17 @@ def test_rope_scores_depend_only_on_relative_position():
     assert torch.allclose(apply_rope(q, c0, s0), q)
 
 
+def mean_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training loss (trainer/loss.py): mean next-token cross-entropy over the targets that are not ignored."""
+    return loss_and_counts(logits, targets.contiguous(), torch.ones(logits.size(-1), dtype=torch.float64))[0]
+
+
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     x = tokens(length=33)
     results = []
     for every in (0, 1, 2):
         m = model(activation_checkpointing=every).train()
-        loss = cross_entropy_loss(m(x[:, :-1]), x[:, 1:])
+        loss = mean_loss(m(x[:, :-1]), x[:, 1:])
         loss.backward()
         results.append((loss.item(), [p.grad.clone() for p in m.parameters()]))
     for loss, grads in results[1:]:
@@ -118,11 +124,11 @@ def test_untrained_loss_is_near_uniform_and_ignore_index_masks():
     x = tokens(length=41)
     with torch.no_grad():
         logits = m(x[:, :-1])
-    assert cross_entropy_loss(logits, x[:, 1:]).item() == pytest.approx(math.log(320), abs=0.1)
+    assert mean_loss(logits, x[:, 1:]).item() == pytest.approx(math.log(320), abs=0.1)
     masked = x[:, 1:].clone()
     masked[:, 20:] = -100
     expected = torch.nn.functional.cross_entropy(logits[:, :20].reshape(-1, 320), x[:, 1:21].reshape(-1))
-    assert cross_entropy_loss(logits, masked).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert mean_loss(logits, masked).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def test_config_validation_and_round_trip():

@@ -411,7 +411,7 @@ def overfit_checkpoint(tmp_path_factory):
     from pipeline.sample_images import photo_bytes
     from pipeline.tokenizer import Tokenizer
     from trainer import hf
-    from trainer.model import cross_entropy_loss
+    from trainer.loss import loss_and_counts
 
     root = tmp_path_factory.mktemp("overfit")
     (root / "images").mkdir()
@@ -438,9 +438,10 @@ def overfit_checkpoint(tmp_path_factory):
         cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=2, d_model=128, n_heads=4, ffn_dim=384, max_seq_len=4096)
         model = Transformer(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+        byte_lengths = torch.ones(tok.vocab_size, dtype=torch.float64)  # loss_and_counts' byte sums: unused here
         for step in range(400):
             logits = model(sequence[:, :-1])
-            loss = cross_entropy_loss(logits, sequence[:, 1:])
+            loss = loss_and_counts(logits, sequence[:, 1:].contiguous(), byte_lengths)[0]
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -17,53 +17,12 @@ from jpeglm import plots
 from jpeglm.cli import main
 from trainer import checkpoint as ckpt
 from trainer import metrics
-from trainer.ds_config import PRESETS, ConfigError, deepspeed_config, gradient_accumulation_steps, load_config
-from trainer.model import ModelConfig
+from trainer.config import ConfigError, OptimizerConfig, gradient_accumulation_steps, load_config
+from trainer.ds_config import deepspeed_config
 from trainer.optim import lr_at
 from trainer.rng import micro_batch_seed
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
-
-@pytest.mark.parametrize("preset", PRESETS)
-def test_presets_load_and_describe_real_models(preset):
-    cfg = load_config(preset)
-    model = ModelConfig.from_dict(cfg["model"])
-    assert cfg["train"]["seq_len"] <= model.max_seq_len
-    expected_params = {"7b": 6.48e9, "1b": 1.21e9, "150m": 1.54e8, "tiny": 8.0e5}[preset]
-    assert model.num_params() == pytest.approx(expected_params, rel=0.01)
-    if preset != "tiny":
-        assert cfg["train"]["seq_len"] == 12288 and cfg["train"]["precision"] == "bf16"
-    if preset in ("7b", "1b"):
-        assert cfg["eval"]["sample_grid"] == 0  # a grid there costs minutes per evaluation (docs/training.md)
-    if preset == "7b":
-        assert (model.n_layers, model.d_model, model.n_heads, model.ffn_dim) == (32, 4096, 32, 11008)
-
-
-def test_overrides_are_typed_and_typos_rejected():
-    cfg = load_config("tiny", ["optimizer.lr=1e-3", "model.n_kv_heads=2", "zero.reduce_bucket_size=5.0e+7",
-                               "log.peak_tflops=989", "train.precision=bf16"])
-    assert cfg["optimizer"]["lr"] == 1e-3 and isinstance(cfg["optimizer"]["lr"], float)  # YAML reads 1e-3 as a string
-    assert cfg["model"]["n_kv_heads"] == 2 and cfg["zero"]["reduce_bucket_size"] == 50_000_000
-    assert cfg["log"]["peak_tflops"] == 989.0 and cfg["train"]["precision"] == "bf16"
-    bad = {
-        "model.n_layerz=2": "unknown key 'model.n_layerz'",
-        "modle.n_layers=2": "unknown section 'modle'",
-        "optimizer.lr=fast": "optimizer.lr must be a float",
-        "train.max_steps=1.5": "train.max_steps must be a int",
-        "zero.init=yes please": "zero.init must be a bool",
-        "train.precision=fp16": "train.precision='fp16' is not one of",
-        "train.seq_len=4096": "exceeds model.max_seq_len=1024",
-        "train.global_batch_size=6": "not a multiple of train.micro_batch_size=4",
-        "model.n_heads=3": "divisible by n_heads",
-        "lr": "not of the form section.key=value",
-        "train.device=": "needs a value",
-    }
-    for override, message in bad.items():
-        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
-            load_config("tiny", [override])
-    with pytest.raises(ConfigError, match="neither a preset"):
-        load_config("13b")
 
 
 def test_cli_refuses_bad_overrides_before_touching_anything(tmp_path, capsys):
@@ -79,6 +38,7 @@ def test_cli_refuses_bad_overrides_before_touching_anything(tmp_path, capsys):
     assert rc == 2 and "no manifest.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--config", "tiny"])  # missing --data / --run-dir: argparse's usage error
+    assert "required: --data, --run-dir" in capsys.readouterr().err
 
 
 def test_deepspeed_config_keeps_the_global_batch_on_any_world_size():
@@ -96,7 +56,7 @@ def test_deepspeed_config_keeps_the_global_batch_on_any_world_size():
 
 
 def test_learning_rate_warms_up_then_decays_by_cosine():
-    o = {"lr": 1e-3, "warmup_steps": 10, "min_lr_ratio": 0.1}
+    o = OptimizerConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
     lrs = [lr_at(s, o, 110) for s in range(110)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # never 0, peak at the end of warmup
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))

@@ -205,8 +205,8 @@ def test_zero3_init_really_initializes_the_weights(uneven, tmp_path):
     evaluation at the end also draws its grid of samples on both ranks (eval.sample_grid) into RUN/images/."""
     import torch
 
-    from trainer.ds_config import load_config
-    from trainer.model import ModelConfig, Transformer
+    from trainer.config import load_config
+    from trainer.model import Transformer
 
     run_dir = str(tmp_path / "init")
     overrides = [*SMALL, "train.max_steps=0", "model.init_std=0.03", "eval.max_samples=8", "eval.sample_grid=1"]
@@ -214,8 +214,8 @@ def test_zero3_init_really_initializes_the_weights(uneven, tmp_path):
     assert os.listdir(os.path.join(run_dir, "images")) == ["step-000000.png"]
     weights = final_weights(run_dir)
     cfg = load_config("tiny", overrides)
-    torch.manual_seed(cfg["train"]["seed"])
-    plain = Transformer(ModelConfig.from_dict(cfg["model"])).state_dict()
+    torch.manual_seed(cfg.train.seed)
+    plain = Transformer(cfg.model).state_dict()
     assert_bitwise_equal(weights, plain)
     for name, w in weights.items():
         if name.endswith("norm.weight"):

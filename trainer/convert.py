@@ -41,10 +41,6 @@ def _paths(root: str, tag: str) -> tuple[str, str, str]:
     return final, final + ".lock", final + ".failed"
 
 
-def is_converted(root: str, tag: str) -> bool:
-    return os.path.isdir(_paths(root, tag)[0])
-
-
 def ensure_universal(root: str, tag: str, convert: bool, wait_s: float, poll_s: float = POLL_S) -> str:
     """The universal tag of checkpoint root/tag, converting it first if `convert` (one process: rank 0 or the
     `jpeglm checkpoint convert` command) or waiting up to wait_s for the process that does. Raises CheckpointError

@@ -32,7 +32,7 @@ import torch
 
 from pipeline.tokenizer import BYTE_OFFSET  # byte b of a JPEG is chr(BYTE_OFFSET + b) in the tokenizer's text
 from trainer.model import ModelConfig, Transformer
-from trainer.pretrained import codec_params
+from trainer.pretrained import with_codec_defaults
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def save_hf(
 
     dtype: store the weights in this dtype (default: as given). The tokenizer's BOS/EOS ids go into config.json,
     so `generate()` starts and stops where the model was trained to. codec: the training data's codec record
-    (image size, quality; trainer.pretrained.codec_params), kept in config.json under "jpeglm". Returns the
+    (image size, quality; trainer.pretrained.with_codec_defaults), kept in config.json under "jpeglm". Returns the
     written file names.
     """
     from safetensors.torch import save_file
@@ -258,7 +258,8 @@ def save_hf(
         written.append("model.safetensors.index.json")
 
     bos, eos, pad = 1, 2, None
-    extra = {"jpeglm": {"byte_offset": BYTE_OFFSET, "tokenizer": tokenizer_meta or {}, "codec": codec_params(codec)}}
+    extra = {"jpeglm": {"byte_offset": BYTE_OFFSET, "tokenizer": tokenizer_meta or {},
+                        "codec": with_codec_defaults(codec)}}
     if tokenizer_path:
         special = _special_pieces(tokenizer_path)
         bos, eos = special["ids"]["bos"], special["ids"]["eos"]
@@ -386,7 +387,7 @@ def load_hf_local(
         "tokenizer_path": tokenizer if os.path.isfile(tokenizer) else None,
         "bos_id": d.get("bos_token_id"),
         "eos_id": d.get("eos_token_id"),
-        "codec": codec_params((d.get("jpeglm") or {}).get("codec")),
+        "codec": with_codec_defaults((d.get("jpeglm") or {}).get("codec")),
     }
     return model.to(device).eval(), info
 

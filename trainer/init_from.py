@@ -6,18 +6,20 @@ data's; under ZeRO-3 rank 0 reads the weights and scatters them into every rank'
 
 from __future__ import annotations
 
-from trainer.ds_config import ConfigError
+import dataclasses
+
+from trainer.config import ConfigError, RunConfig
 
 
-def with_init_model(cfg: dict) -> dict:
+def with_init_model(cfg: RunConfig) -> RunConfig:
     """The config with its model section taken from train.init_from's config.json: a checkpoint's shapes are fixed.
     Only activation_checkpointing (a training choice) is kept from the preset and overrides."""
     from trainer import hf, pretrained
-    from trainer.ds_config import validate
-    from trainer.model import ModelConfig
+    from trainer.config import validate
     from trainer.loading import read_checkpoint_config
+    from trainer.model import ModelConfig
 
-    uri = cfg["train"]["init_from"]
+    uri = cfg.train.init_from
     meta = read_checkpoint_config(uri)
     if meta is None:
         raise ConfigError(f"train.init_from={uri}: no config.json there (expected an exported jpeglm folder or a "
@@ -28,8 +30,8 @@ def with_init_model(cfg: dict) -> dict:
         model = hf.model_config_from_hf(meta)
     else:
         raise ConfigError(f"train.init_from={uri}: config.json is neither an exported jpeglm model nor a Llama config")
-    model.activation_checkpointing = cfg["model"]["activation_checkpointing"]
-    cfg = {**cfg, "model": model.to_dict()}
+    model.activation_checkpointing = cfg.model.activation_checkpointing
+    cfg = dataclasses.replace(cfg, model=model)
     validate(cfg)
     return cfg
 

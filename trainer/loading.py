@@ -22,6 +22,7 @@ import torch
 
 from jpeglm.errors import UserError
 from trainer.model import Transformer
+from trainer.pretrained import DEFAULT_CODEC
 
 log = logging.getLogger("jpeglm.loading")
 
@@ -36,7 +37,7 @@ class LoadedModel:
     tokenizer: object  # pipeline.tokenizer.Tokenizer
     kind: str  # "jpeglm", "huggingface" or "training-run"
     source: str
-    codec: dict = field(default_factory=lambda: {"size": 256, "quality": 25})  # trainer.pretrained.codec_params
+    codec: dict = field(default_factory=lambda: dict(DEFAULT_CODEC))  # image size, quality, ...
     revision: str | None = None  # a training run's resolved checkpoint (a run dir's latest moves as it trains)
 
 
@@ -65,9 +66,9 @@ def checkpoint_codec(uri: str) -> dict:
     require_checkpoint(uri)
     config = read_checkpoint_config(uri)
     if config is not None and config.get("format") == pretrained.FORMAT:
-        return pretrained.codec_params(config.get("codec"))
+        return pretrained.with_codec_defaults(config.get("codec"))
     if config is not None and hf.is_llama_config(config):
-        return pretrained.codec_params((config.get("jpeglm") or {}).get("codec"))
+        return pretrained.with_codec_defaults((config.get("jpeglm") or {}).get("codec"))
     if "://" in uri:
         raise LoadError(f"--checkpoint {uri}: training checkpoints are read from a filesystem path; copy it "
                         "locally first (or export it where it was trained)")

@@ -10,71 +10,12 @@ checkpoint maps onto this model by renaming alone (see trainer/hf.py).
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 320
-    n_layers: int = 32
-    d_model: int = 4096
-    n_heads: int = 32
-    n_kv_heads: int | None = None  # None = n_heads (multi-head); fewer = grouped-query attention
-    ffn_dim: int = 11008
-    max_seq_len: int = 12288
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    # Recompute every k-th layer's activations in backward (0 = off). Pure PyTorch, so it works with or
-    # without DeepSpeed.
-    activation_checkpointing: int = 0
-
-    def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError("head dimension (d_model / n_heads) must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count from the shapes alone (no model needed; works for 7B on a laptop)."""
-        d, f, kv = self.d_model, self.ffn_dim, self.n_kv_heads * self.head_dim
-        attn = d * d * 2 + d * kv * 2  # wq, wo, wk, wv
-        mlp = 3 * d * f
-        per_layer = attn + mlp + 2 * d  # + two RMSNorm weights
-        n = self.n_layers * per_layer + d  # + final norm
-        if not non_embedding:
-            n += 2 * self.vocab_size * d  # untied embedding and output head
-        return n
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token, 6N + 12*L*d*T (N = non-embedding params; PaLM appendix B)."""
-        t = seq_len or self.max_seq_len
-        return 6.0 * self.num_params(non_embedding=True) + 12.0 * self.n_layers * self.d_model * t
+from trainer.config import ModelConfig  # noqa: F401 - the model's shapes; also trainer.model.ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -108,8 +49,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated per-layer key/value buffers for incremental decoding.
 
-    `pos` is the number of positions already written; all sequences in the batch share it
-    (prompts in one batch have equal length).
+    `pos` is the number of positions already written, the same for every sequence of the batch: prompts of other
+    lengths are fed one token per step after a prefill up to the shortest (trainer/generate.py).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
@@ -228,11 +169,3 @@ class Transformer(nn.Module):
             cache.pos += t
         return self.output(self.norm(h)).float()
 
-
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats; bits per byte = loss / ln 2 * tokens / bytes."""
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
-
-
-def bits_per_token(loss_nats: float) -> float:
-    return loss_nats / math.log(2)

@@ -7,15 +7,19 @@ to lose in a universal checkpoint; torch AdamW (not DeepSpeed's fused or CPU Ada
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.config import OptimizerConfig
 
 
-def lr_at(step: int, o: dict, max_steps: int) -> float:
+def lr_at(step: int, o: OptimizerConfig, max_steps: int) -> float:
     """Learning rate of the update that takes the model from `step` to step + 1: linear warmup from lr/warmup,
     then cosine decay to lr * min_lr_ratio at max_steps."""
-    if step < o["warmup_steps"]:
-        return o["lr"] * (step + 1) / o["warmup_steps"]
-    progress = min(1.0, (step - o["warmup_steps"]) / max(1, max_steps - o["warmup_steps"]))
-    return o["lr"] * (o["min_lr_ratio"] + (1 - o["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def param_groups(model, weight_decay: float) -> tuple[list[dict], list[float]]:
@@ -30,12 +34,12 @@ def param_groups(model, weight_decay: float) -> tuple[list[dict], list[float]]:
             [weight_decay, 0.0])
 
 
-def build_optimizer(model, o: dict, device: str):
+def build_optimizer(model, o: OptimizerConfig, device: str):
     """(torch AdamW over param_groups, the groups' weight decays)."""
     import torch
 
-    groups, weight_decays = param_groups(model, o["weight_decay"])
-    optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+    groups, weight_decays = param_groups(model, o.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                   fused=True if device == "cuda" else None)
     return optimizer, weight_decays
 

@@ -10,7 +10,7 @@
 folders, via trainer/hf.py).
 
 "codec" is the canonical JPEG form the model was trained on (the preprocess manifest's `codec`: image size,
-quality, ...); a folder without it means the paper's 256x256 at quality 25 (`codec_params`).
+quality, ...); a folder without it means the paper's 256x256 at quality 25 (`with_codec_defaults`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ DEFAULT_CODEC = {"size": 256, "quality": 25}  # the paper's; what a checkpoint w
 log = logging.getLogger(__name__)
 
 
-def codec_params(record: dict | None) -> dict:
+def with_codec_defaults(record: dict | None) -> dict:
     """A checkpoint's codec record with the defaults filled in: at least {"size": int, "quality": int}."""
     out = dict(DEFAULT_CODEC)
     out.update({k: v for k, v in (record or {}).items() if v is not None})
@@ -43,18 +43,17 @@ def run_codec(meta: dict) -> dict:
     """The codec of a training checkpoint from trainer.export.consolidate's meta: its own "codec" record, else
     (checkpoints written before the trainer recorded it) the manifest of the data it was trained on."""
     if meta.get("codec"):
-        return codec_params(meta["codec"])
+        return with_codec_defaults(meta["codec"])
     data_uri = (meta.get("data") or {}).get("uri")
     if data_uri:
-        from pipeline import storage
+        from pipeline.manifest import read_manifest
 
-        manifest = storage.join(data_uri, "manifest.json")
         try:
-            return codec_params(json.loads(storage.read_bytes(manifest)).get("codec"))
-        except (OSError, ValueError) as e:
+            return with_codec_defaults(read_manifest(data_uri).get("codec"))
+        except (OSError, ValueError) as e:  # DataError is a ValueError
             log.warning("the checkpoint does not record its image size and its data %s is not readable (%s): "
                         "assuming %s", data_uri, e, DEFAULT_CODEC)
-    return codec_params(None)
+    return with_codec_defaults(None)
 
 
 def save_pretrained(
@@ -78,11 +77,10 @@ def save_pretrained(
         "format_version": FORMAT_VERSION,
         "model": cfg.to_dict(),
         "tokenizer": tokenizer_meta or {},
-        "codec": codec_params(codec),
+        # The training data's record as it is (size, quality, subsampling, ...): evaluation and sampling read it.
+        "codec": dict(codec) if codec else with_codec_defaults(None),
         "source": source or {},
     }
-    if codec:
-        meta["codec"] = dict(codec)  # the training images' size and quality (evaluation and sampling read it)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     if tokenizer_path:
@@ -99,7 +97,7 @@ def is_pretrained_dir(path: str | os.PathLike) -> bool:
 
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[Transformer, dict]:
-    """(model in eval mode, config.json contents; its "codec" is `codec_params(...)` of the stored record).
+    """(model in eval mode, config.json contents; its "codec" is `with_codec_defaults(...)` of the stored record).
     Raises ValueError naming what is wrong with the folder."""
     from safetensors.torch import load_file
 
@@ -118,5 +116,5 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     model.load_state_dict(state, strict=True, assign=True)
     if dtype is not None:
         model = model.to(dtype)
-    meta["codec"] = codec_params(meta.get("codec"))
+    meta["codec"] = with_codec_defaults(meta.get("codec"))
     return model.to(device).eval(), meta

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import UNIVERSAL_SUFFIX
+from trainer.config import ModelConfig, RunConfig
 
 
 @dataclass
@@ -44,7 +45,7 @@ def find(resume: str, run_dir: str) -> ResumePoint | None:
     return ResumePoint(*found, state=ckpt.read_state(*found))
 
 
-def check_resume_state(state: dict, cfg: dict, manifest, order_fingerprint: str, where: str) -> None:
+def check_resume_state(state: dict, cfg: RunConfig, manifest, order_fingerprint: str, where: str) -> None:
     """Refuse to continue a run on different data or a different model (before any process group exists)."""
     if state.get("format") != ckpt.CHECKPOINT_FORMAT:
         raise ckpt.CheckpointError(f"{where} is not a jpeglm training checkpoint")
@@ -57,8 +58,9 @@ def check_resume_state(state: dict, cfg: dict, manifest, order_fingerprint: str,
             "or a new --run-dir"
         )
     # Activation checkpointing only trades memory for recomputation (same math): it may change between attempts.
-    diff = {k: (state["config"]["model"].get(k), v) for k, v in cfg["model"].items()
-            if state["config"]["model"].get(k) != v and k != "activation_checkpointing"}
+    theirs_model = ModelConfig.from_dict(state["model"]).to_dict()
+    diff = {k: (theirs_model[k], v) for k, v in cfg.model.to_dict().items()
+            if theirs_model[k] != v and k != "activation_checkpointing"}
     if diff:
         raise ckpt.CheckpointError(f"refusing to resume {where}: model config differs (checkpoint, now): {diff}")
     if state.get("codec") and manifest.raw.get("codec") and state["codec"] != manifest.raw["codec"]:
@@ -88,7 +90,8 @@ def load(engine, point: ResumePoint, world: int, weight_decays: list[float]) -> 
 
 
 def fix_universal_load(optimizer, weight_decays: list[float]) -> None:
-    """Work around two silent bugs of DeepSpeed 0.19.8's ZeRO-3 universal load (stack notes): every param group
+    """Work around two silent bugs of DeepSpeed 0.19.8's ZeRO-3 universal load (without this, a resume on another
+    number of processes drifts by ~1e-3; tests/test_train_distributed.py checks it is bitwise equal): every param group
     gets group 0's weight_decay, and all optimizer states share one `step` tensor (torch Adam increments it once
     per group, so bias correction goes wrong)."""
     groups = optimizer.param_groups

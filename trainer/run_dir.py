@@ -14,7 +14,7 @@ import json
 import os
 import time
 
-from trainer.ds_config import ConfigError
+from trainer.config import ConfigError, RunConfig
 
 ATTEMPTS = "attempts.jsonl"
 SUMMARY = "summary.json"
@@ -53,13 +53,12 @@ def finished_summary(run_dir: str, checkpoint_step: int, max_steps: int) -> dict
     return None
 
 
-def write_run_files(run_dir: str, cfg: dict, tokenizer_bytes: bytes) -> None:
-    import yaml
-
+def write_run_files(run_dir: str, cfg: RunConfig, tokenizer_bytes: bytes) -> None:
     from pipeline import storage
+    from trainer.config import to_yaml
 
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+        f.write(to_yaml(cfg))
     storage.write_bytes(os.path.join(run_dir, "tokenizer.model"), tokenizer_bytes)
 
 

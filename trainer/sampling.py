@@ -70,6 +70,8 @@ def check_sampling_flags(batch: int, threads: int | None, temperature: float, to
 
 @dataclass
 class SampleResult:
+    """One sample as summary.json lists it (the loader's record of trained samples is trainer.data.SampleRecord)."""
+
     file: str
     prompt: str | None
     prompt_tokens: int

@@ -43,8 +43,7 @@ def plan_units(layout: Layout, config: dict) -> Plan:
 
     if storage.exists(layout.plan):
         saved = json.loads(storage.read_bytes(layout.plan))
-        # no "source_bytes": planned by an older jpeglm, which did not estimate it
-        plan = Plan(saved["unit_sizes"], saved["buckets"], saved.get("source_bytes", 0))
+        plan = Plan(saved["unit_sizes"], saved["buckets"], saved["source_bytes"])
         log.info("plan: %s, %s (planned before)", plural(plan.units, "work unit"), plural(plan.buckets, "bucket"))
         return plan
     counts = sources.PlanCounts()
