@@ -144,6 +144,8 @@ class EvalConfig:
                                     "split, the same on any number of processes")
     sample_grid: int = setting(3, "at each evaluation a grid of 4 samples from BOS and this many completions of the "
                                   "first validation images -> RUN/images/step-N.png; 0 = none (minutes at 1b/7b)")
+    sample_constrain: Literal["jpeg", "none"] = setting("jpeg", "the grid's sampler: jpeg = the JPEG grammar keeps "
+                                                                "every sample a whole image; none = unconstrained")
 
 
 @dataclass

@@ -49,7 +49,7 @@ def sample_images(ctx, step: int) -> None:
 
     t0 = time.perf_counter()
     grid = sample_grid(ctx.engine.module, ctx.tokenizer, ctx.manifest.raw["codec"], ctx.grid_bodies, step,
-                       ctx.run_dir if ctx.rank == 0 else None)
+                       ctx.run_dir if ctx.rank == 0 else None, constrain=ctx.cfg.eval.sample_constrain)
     ctx.logger.image("samples", grid, step)
     ctx.logger.write(f"step {step}: samples in {ctx.run_dir}/images/step-{step:06d}.png "
                      f"({time.perf_counter() - t0:.1f} s)")
