@@ -15,6 +15,14 @@ class EnvironmentFailures(PreprocessError):
     exit_code = 1
 
 
+def resolve_excludes(uris: list[str]) -> list[str]:
+    """--exclude inputs resolved like --input ([] when none)."""
+    try:
+        return resolve_inputs(uris) if uris else []
+    except PreprocessError as e:
+        raise PreprocessError(f"--exclude: {e}") from None
+
+
 def resolve_inputs(uris: list[str]) -> list[str]:
     """The --input URIs, normalized; each must exist."""
     from pipeline import sources

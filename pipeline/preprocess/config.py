@@ -20,9 +20,10 @@ class PreprocessError(UserError):
     """A refused configuration or output: the message says what to do."""
 
 
-def config_from_args(args: argparse.Namespace, inputs: list[str]) -> dict:
+def config_from_args(args: argparse.Namespace, inputs: list[str], excludes: list[str] | None = None) -> dict:
     """Everything that determines the output's bytes (and nothing else: not --num-cpus, --address,
-    --max-failed-fraction, ...). `inputs`: the resolved input URIs."""
+    --max-failed-fraction, ...). `inputs`, `excludes`: the resolved input and --exclude URIs
+    (checks.resolve_inputs / checks.resolve_excludes)."""
     from pipeline import codec
     from pipeline.tokenizer import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 
@@ -57,23 +58,14 @@ def config_from_args(args: argparse.Namespace, inputs: list[str]) -> dict:
         "codec": codec_params(args.image_size),
     }
     # Curation keys only when used: outputs made without them keep their config hash (and resume).
-    excludes = getattr(args, "exclude", None) or []
+    excludes = excludes or []
     if args.dedup == "near" or excludes:
         config["near_radius"] = args.near_radius
     if excludes:
-        config["exclude"] = resolve_excludes(excludes)
+        config["exclude"] = excludes
     if args.max_aspect_ratio:
         config["max_aspect_ratio"] = args.max_aspect_ratio
     return config
-
-
-def resolve_excludes(uris: list[str]) -> list[str]:
-    from pipeline.preprocess import checks
-
-    try:
-        return checks.resolve_inputs(uris)
-    except PreprocessError as e:
-        raise PreprocessError(f"--exclude: {e}") from None
 
 
 def codec_params(size: int | None = None) -> dict:

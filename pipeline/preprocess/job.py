@@ -86,7 +86,9 @@ class Job:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Job":
-        return cls(args.output, config_from_args(args, checks.resolve_inputs(args.input)), args.tokenizer)
+        inputs = checks.resolve_inputs(args.input)
+        excludes = checks.resolve_excludes(getattr(args, "exclude", None) or [])
+        return cls(args.output, config_from_args(args, inputs, excludes), args.tokenizer)
 
     # -- driver entry point ------------------------------------------------------------------------------------
 
