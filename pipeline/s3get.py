@@ -2,8 +2,9 @@
 
 At 23M images, client CPU per GET is core-hours (1 ms is 6.4 core-hours). Measured with bench/bench_s3_client.py
 (moto on 127.0.0.1, 60 KB objects, 8 threads): s3fs's cat_file (fsspec's event loop, aiobotocore) ~2.0 ms of CPU per
-GET, a boto3 client ~1.3-1.6 ms (its per-request event hooks, endpoint rules, parameter validation and response
-parsing), pyarrow's C++ S3FileSystem ~0.9-1.1 ms (and it sends a HEAD before each GET), this client ~0.5-0.6 ms.
+GET, a boto3 client ~1.4-1.6 ms (its per-request event hooks, endpoint rules, parameter validation and response
+parsing), pyarrow's C++ S3FileSystem ~0.9 ms (and it sends a HEAD before each GET), this client under the storage
+layer's retry loop ~0.7 ms.
 
 What each GET costs here: a SigV4 signature (botocore's S3SigV4Auth with the session's credentials, refreshed by
 botocore when they are temporary) and one pooled urllib3 request. What is resolved once per bucket, by a real

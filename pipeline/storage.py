@@ -302,12 +302,12 @@ def read_bytes(uri: PathLike) -> bytes:
     """A whole object or file, in one request on S3 (pipeline/s3get.py; s3fs's cat_file would HEAD it first to
     size it, and costs ~4x the client CPU per GET)."""
     uri = _fspath(uri)
+    getter = _s3_getter() if uri.startswith("s3://") else None
+    if getter is not None:
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        return _s3_request(lambda: getter.get(bucket, key), f"S3 GetObject {uri}")
     fs, path = filesystem(uri)
     if uri.startswith("s3://"):
-        getter = _s3_getter()
-        if getter is not None:
-            bucket, _, key = path.partition("/")
-            return _s3_request(lambda: getter.get(bucket, key), f"S3 GetObject {path}")
         return retry(lambda: fs.cat_file(path, max_concurrency=1), f"read {uri}")
     return retry(lambda: fs.cat_file(path), f"read {uri}")
 

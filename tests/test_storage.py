@@ -226,3 +226,16 @@ def test_s3_get_of_keys_needing_escapes_and_of_a_missing_bucket(s3_bucket, s3_pr
             storage.read_bytes(missing)
     assert s3_proxy.stats()["by_method"] == {"GET": len(names) + 2}
     assert storage.take_retry_counts() == {}
+
+
+def test_s3_reads_keep_s3fs_behind_an_http_proxy(s3_bucket, s3_proxy, monkeypatch):
+    """urllib3's pool ignores HTTP(S)_PROXY: with one configured, GETs go through s3fs (which honours it; here
+    NO_PROXY exempts the loopback endpoint), still one GET per read."""
+    storage.write_bytes(f"{s3_bucket}/p.bin", b"via s3fs")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    storage.reset_s3()
+    s3_proxy.reset_stats()
+    assert storage.read_bytes(f"{s3_bucket}/p.bin") == b"via s3fs"
+    assert storage._S3_GETTER is None and s3_proxy.stats()["by_method"] == {"GET": 1}
