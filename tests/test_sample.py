@@ -226,7 +226,9 @@ def _summary(out) -> dict:
 
 
 def test_unconditional_outputs_and_reproducibility(random_checkpoint, tmp_path):
-    args = ["--checkpoint", random_checkpoint, "--num", "3", "--batch", "2", "--max-tokens", "160", "--seed", "5"]
+    # Unconstrained (the paper's sampling): a random model is cut at the token limit and repaired into a file.
+    args = ["--checkpoint", random_checkpoint, "--num", "3", "--batch", "2", "--max-tokens", "160", "--constrain",
+            "none", "--seed", "5"]
     assert _sample(*args, "--out", str(tmp_path / "a")) == 0
     out = tmp_path / "a"
     summary = _summary(out)
@@ -299,7 +301,7 @@ def test_hf_and_s3_checkpoints(random_checkpoint, tokenizer_file, tmp_path, s3_b
     model, meta = load_pretrained(random_checkpoint)
     hf_dir = tmp_path / "hf"
     hf.save_hf(model.state_dict(), model.cfg, str(hf_dir), tokenizer_file)
-    args = ["--num", "2", "--batch", "2", "--max-tokens", "64", "--seed", "3"]
+    args = ["--num", "2", "--batch", "2", "--max-tokens", "64", "--constrain", "none", "--seed", "3"]
     assert _sample("--checkpoint", random_checkpoint, "--out", str(tmp_path / "ours"), *args) == 0
     assert _sample("--checkpoint", str(hf_dir), "--out", str(tmp_path / "hf-out"), *args) == 0
     uri = storage.join(s3_bucket, "exported")
@@ -317,7 +319,7 @@ def test_hf_and_s3_checkpoints(random_checkpoint, tokenizer_file, tmp_path, s3_b
 
 def test_bf16_path_runs_on_cpu(random_checkpoint, tmp_path):
     assert _sample("--checkpoint", random_checkpoint, "--out", str(tmp_path), "--num", "2", "--max-tokens", "48",
-                   "--dtype", "bf16", "--device", "cpu") == 0
+                   "--constrain", "none", "--dtype", "bf16", "--device", "cpu") == 0
     assert _summary(tmp_path)["dtype"] == "bfloat16"
 
 
@@ -523,7 +525,7 @@ def test_training_run_dir_as_checkpoint(overfit_checkpoint, tmp_path):
     from jpeglm.cli import main
 
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
-    args = ["--num", "2", "--batch", "2", "--max-tokens", "300", "--seed", "4"]
+    args = ["--num", "2", "--batch", "2", "--max-tokens", "300", "--constrain", "none", "--seed", "4"]
     assert _sample("--checkpoint", str(run), "--out", str(tmp_path / "from-run"), *args) == 0
     assert _sample("--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "from-hf"), *args) == 0
     from_run, from_hf = _summary(tmp_path / "from-run"), _summary(tmp_path / "from-hf")
