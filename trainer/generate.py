@@ -172,7 +172,7 @@ class JpegConstraint:
         need = self.grammar.min_bytes_to_complete(state)
         if need > budget:
             raise PromptRejected(f"closing the image after this prompt takes at least {need} more tokens, but only "
-                                 f"{budget} fit (raise the token limit)")
+                                 f"{budget} fit: raise the token limit")
         return state
 
 

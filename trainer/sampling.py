@@ -168,7 +168,9 @@ def sample_to_folder(loaded: LoadedModel, device: torch.device, out: str, params
             try:
                 constraint.prompt_state(prompt_ids, max_total - len(prompt_ids))
             except PromptRejected as e:
-                raise SampleError(f"--prompt {label}: {e}" if label else str(e)) from None
+                hint = ("" if "takes at least" not in str(e) else
+                        " (--max-tokens, up to the model's context) or sample unconstrained with --constrain none")
+                raise SampleError((f"--prompt {label}: {e}" if label else str(e)) + hint) from None
     os.makedirs(out, exist_ok=True)
 
     records: list[SampleResult] = []
