@@ -165,9 +165,10 @@ class JpegConstraint:
                 raise PromptRejected(f"prompt token {i} (id {t}) stands for no byte of an image")
             new = self.grammar.advance(state, data)
             if new is None:
-                bad = _first_bad_byte(self.grammar, state, data)
+                bad, before = _first_bad_byte(self.grammar, state, data)
                 raise PromptRejected(f"the prompt is not the start of a canonical JPEG body: byte {offset + bad} "
-                                     f"(0x{data[bad]:02X}, in prompt token {i}) is invalid there")
+                                     f"(0x{data[bad]:02X}, in prompt token {i}) is invalid there: "
+                                     f"{self.grammar.explain(before, data[bad])}")
             state, offset = new, offset + len(data)
         need = self.grammar.min_bytes_to_complete(state)
         if need > budget:
@@ -176,12 +177,14 @@ class JpegConstraint:
         return state
 
 
-def _first_bad_byte(grammar, state, data: bytes) -> int:
+def _first_bad_byte(grammar, state, data: bytes) -> tuple[int, object]:
+    """(index of the first byte of `data` the grammar refuses after `state`, the state before it)."""
     for i in range(len(data)):
-        state = grammar.advance(state, data[i : i + 1])
-        if state is None:
-            return i
-    return len(data) - 1
+        nxt = grammar.advance(state, data[i : i + 1])
+        if nxt is None:
+            return i, state
+        state = nxt
+    raise AssertionError("every byte is valid alone but not together")
 
 
 def _constrained_draw(logits_row: torch.Tensor, probs_row: torch.Tensor | None, ids_row: torch.Tensor | None,
