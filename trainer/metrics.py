@@ -127,7 +127,13 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
-            self._tb.close()
+            tb, self._tb = self._tb, None
+            try:
+                tb.close()  # flushes: fails on a full disk, which a failed save has already reported
+            except (RuntimeError, OSError) as e:
+                import logging
+
+                logging.getLogger(__name__).warning("TensorBoard events not flushed: %s: %s", type(e).__name__, e)
 
 
 def read_metrics(path: str) -> list[dict]:
