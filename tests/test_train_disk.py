@@ -58,13 +58,12 @@ def undisturbed(data, tmp_path_factory) -> str:
 
 
 def test_space_warning_counts_keep_last_plus_the_checkpoint_being_written(tmp_path):
-    one = disk.checkpoint_bytes(10**6, "fp32")
-    assert one == 10**6 * 16 + disk.OVERHEAD_BYTES and disk.checkpoint_bytes(10**6, "bf16") == one - 2 * 10**6
+    assert disk.checkpoint_bytes(10**6) == 12 * 10**6 + disk.OVERHEAD_BYTES
     free = disk.free_bytes(str(tmp_path))
-    params = free // 16  # one checkpoint about fills the disk: keep_last=1 plus the one being written does not
-    line = disk.space_warning(str(tmp_path / "run"), params, "fp32", keep_last=1)
+    params = free // 12  # one checkpoint about fills the disk: keep_last=1 plus the one being written does not
+    line = disk.space_warning(str(tmp_path / "run"), params, keep_last=1)
     assert line and "2 x" in line and "checkpoint.keep_last=1" in line and "\n" not in line
-    assert disk.space_warning(str(tmp_path / "run"), 1000, "fp32", keep_last=3) is None
+    assert disk.space_warning(str(tmp_path / "run"), 1000, keep_last=3) is None
 
 
 @pytest.mark.slow
@@ -76,8 +75,7 @@ def test_the_estimate_covers_a_real_checkpoint(undisturbed):
     root = ckpt.checkpoints_dir(undisturbed)
     real = disk.folder_bytes(os.path.join(root, ckpt.latest_tag(root)))
     cfg = load_config("tiny", OVERRIDES)
-    estimate = disk.checkpoint_bytes(ModelConfig.from_dict(cfg["model"]).num_params(non_embedding=False),
-                                     cfg["train"]["precision"])
+    estimate = disk.checkpoint_bytes(ModelConfig.from_dict(cfg["model"]).num_params(non_embedding=False))
     print(f"checkpoint: {real:,} bytes on disk, estimated {estimate:,}")
     assert real <= estimate <= real + 2 * disk.OVERHEAD_BYTES
 
@@ -90,7 +88,7 @@ def test_a_full_run_dir_stops_in_one_line_and_the_rerun_resumes(data, undisturbe
     one = disk.folder_bytes(os.path.join(root, ckpt.latest_tag(root)))
     others = disk.folder_bytes(undisturbed) - disk.folder_bytes(root)  # metrics, TensorBoard, sample records
     # room for one checkpoint and the run's other files, not for two checkpoints
-    size = int(1.5 * one + others + 1.5 * 2**20) // 4096 * 4096
+    size = int(1.4 * one + others + 2**17) // 4096 * 4096
     with tmpfs(tmp_path / "disk", str(size)) as mount:
         run_dir = os.path.join(mount, "run")
         cmd = torchrun(2, data, run_dir, *OVERRIDES, launcher="trainer.launch")
@@ -106,5 +104,7 @@ def test_a_full_run_dir_stops_in_one_line_and_the_rerun_resumes(data, undisturbe
         subprocess.run(["mount", "-o", f"remount,size={8 * size}", mount], check=True)  # the disk grows
         rerun = run_to_end(cmd).stdout
         assert "resumed from" in rerun and "global_step5" in rerun
-        assert sorted(os.listdir(ckpt.checkpoints_dir(run_dir))) == ["global_step15", "latest"]
+        # the partial step-10 folder was overwritten, then pruned with step 5
+        assert [n for n in os.listdir(ckpt.checkpoints_dir(run_dir)) if n.startswith("global_step")] == \
+            ["global_step15"]
         assert_bitwise_equal(final_weights(run_dir), final_weights(undisturbed))

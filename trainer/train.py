@@ -268,8 +268,7 @@ def setup(plan: Plan) -> Context:
         from trainer.disk import quiet_thread_failures, space_warning
 
         quiet_thread_failures()  # the TensorBoard writer's thread on a full disk: one line
-        short = space_warning(run_dir, model_cfg.num_params(non_embedding=False), t["precision"],
-                              cfg["checkpoint"]["keep_last"])
+        short = space_warning(run_dir, model_cfg.num_params(non_embedding=False), cfg["checkpoint"]["keep_last"])
         if short:
             log.warning("%s", short)
     seed_all(t["seed"])  # identical initial weights on every rank and in every run with this seed
@@ -479,7 +478,7 @@ def save_checkpoint(ctx: Context, step: int) -> str:
         from trainer.disk import checkpoint_bytes, save_failed
         from trainer.distributed import lost_a_peer
 
-        needed = checkpoint_bytes(ctx.model_cfg.num_params(non_embedding=False), ctx.cfg["train"]["precision"])
+        needed = checkpoint_bytes(ctx.model_cfg.num_params(non_embedding=False))
         failed = None if lost_a_peer(e) else save_failed(e, os.path.join(root, ckpt.tag_for(step)), step, needed,
                                                          resume_from and os.path.join(root, resume_from))
         if failed is None:

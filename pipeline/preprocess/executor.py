@@ -147,16 +147,17 @@ def run_bounded(submissions: Iterable[tuple[object, Callable]], max_in_flight: i
     import ray
 
     nodes = _NodeWatch()
-    with tqdm(total=total, desc=desc, unit="task", disable=total == 0, file=sys.stderr, dynamic_ncols=True) as bar:
-        try:
+    try:
+        with tqdm(total=total, desc=desc, unit="task", disable=total == 0, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
             for key, outcome in bounded(submissions, max_in_flight, on_idle=nodes.poll):
                 bar.update(1)
                 yield key, _value(desc, key, outcome, nodes)
-        except failures.RayTaskGaveUp as e:
-            _Session.log.write(f"{desc}: task {e.key}: Ray gave up: {e.error}")
-            raise failures.ray_error(desc, e.key, e.error, e.memory, TASK_RETRIES, log_path()) from None
-        finally:
-            nodes.report(desc)
+    except failures.RayTaskGaveUp as e:
+        _Session.log.write(f"{desc}: task {e.key}: Ray gave up: {e.error}")
+        raise failures.ray_error(desc, e.key, e.error, e.memory, TASK_RETRIES, log_path()) from None
+    finally:
+        nodes.report(desc)  # below the progress bar
 
 
 def _value(desc: str, key, outcome, nodes: "_NodeWatch"):
