@@ -315,6 +315,7 @@ def test_one_worker_with_worker_deaths_equals_two_workers(clean_local, mixed_inp
     assert sorted(os.listdir(Path(out, "_work", "faults"))) == ["bucket-1", "encode-1", "shard-train-000001"]  # all
     assert [p for p in os.listdir(Path(out, "shards")) if p.startswith(".")] == []  # the dead writer's temp is gone
     _assert_same(_data_files(clean_local), _data_files(out))
+    assert json.loads(Path(out, "summary.json").read_text())["task_retries"] == {"worker_died": 3}
 
 
 def test_killed_driver_reruns_to_identical_output(clean_local, mixed_inputs, tmp_path):
