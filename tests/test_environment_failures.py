@@ -292,3 +292,15 @@ def test_a_lost_node_is_one_line_and_the_bytes_are_unchanged(sample_image_dir, u
     retries = json.loads((out / "summary.json").read_text())["task_retries"]
     assert retries.get("node_lost", 0) >= 1, retries
     assert data_files(str(out)) == clean
+
+
+@pytest.mark.slow
+def test_a_task_killed_by_rays_memory_monitor_names_the_knobs(sample_image_dir, tmp_path):
+    """Ray's memory monitor, made to see every node as full (a kill threshold of 1% of the memory), kills the first
+    task twice (once retried): one line with the declared memory and the knobs, no Ray output on the terminal."""
+    oom = {"RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100", "RAY_task_oom_retries": "1"}
+    rc, text = preprocess(str(sample_image_dir), str(tmp_path / "out"), env_extra=oom, timeout=240)
+    assert rc == 1, text[-4000:]
+    assert_one_clear_line(text, "killed by Ray's memory monitor", "the task declared", "--images-per-unit",
+                          "--max-in-flight", "rerunning the same command resumes")
+    assert "Refer to the documentation" not in text  # Ray's own explanation went to the log file

@@ -51,6 +51,8 @@ class RayLog:
         """A batch of forwarded lines, formatted as Ray would print them ("(task pid=1, ip=...) line")."""
         from ray._private.worker import print_worker_logs
 
+        if not data.get("lines"):
+            return  # nothing to say: no file
         with self._lock:
             print_worker_logs(data, self._open(), ignore_prefix)
 
