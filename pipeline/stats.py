@@ -232,7 +232,7 @@ def summarize(counts: Counts, *, rows: dict, shards: dict, shard_bytes: int, pad
 # What describes the run that printed the summary rather than the output: left out when a rerun of a finished job
 # shows the saved summary (the figures would claim work that this run did not do).
 THIS_RUN_KEYS = ("wall_time_s", "images_this_run", "images_per_s", "cpus", "images_per_s_per_cpu", "phase_seconds",
-                 "storage_retries")
+                 "storage_retries", "task_retries")
 
 
 def format_summary(summary: dict, this_run: bool = True) -> str:
@@ -258,7 +258,7 @@ def format_summary(summary: dict, this_run: bool = True) -> str:
         ("wall_time_s", "wall time (s)"), ("images_this_run", "images processed this run"),
         ("images_per_s", "images/s"),
         ("cpus", "CPUs"), ("images_per_s_per_cpu", "images/s per CPU"), ("phase_seconds", "seconds by phase"),
-        ("storage_retries", "storage retries"),
+        ("storage_retries", "storage retries"), ("task_retries", "task retries"),
     ]
     labels = [(k, label) for k, label in labels if k in summary and (this_run or k not in THIS_RUN_KEYS)]
     width = max(len(label) for _, label in labels)

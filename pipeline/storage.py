@@ -214,10 +214,11 @@ def _network_errors() -> tuple[tuple, tuple, tuple]:
     return _NETWORK_ERRORS
 
 
-def transient_kind(exc: BaseException) -> str | None:
+def transient_kind(exc: BaseException, exhausted_too: bool = False) -> str | None:
     """Why an I/O error may go away on its own ("throttled", "server_error", "timeout", "connection",
-    "io_error"), or None if retrying cannot help."""
-    if isinstance(exc, PERMANENT_ERRORS) or getattr(exc, _EXHAUSTED, False):
+    "io_error"), or None if retrying cannot help. An S3 request already retried to its limit counts as permanent,
+    unless exhausted_too (an enclosing task's retry, much later, names its kind)."""
+    if isinstance(exc, PERMANENT_ERRORS) or (getattr(exc, _EXHAUSTED, False) and not exhausted_too):
         return None
     response = _http_response(exc)
     if response is not None:
@@ -338,10 +339,29 @@ def write_bytes(uri: PathLike, data: bytes) -> None:
     retry(_write, f"write {uri}")
 
 
+def _name_the_path(exc: OSError, uri: str) -> None:
+    # A failed write() (ENOSPC) or S3 upload names no file, the temporary's open() names the temporary: say which
+    # object it was, so the one-line message (pipeline/environment.py) can name it.
+    name = exc.filename
+    if name is None or os.path.basename(str(name)).startswith(".") and str(name).endswith(".tmp"):
+        exc.filename = uri
+
+
 @contextlib.contextmanager
 def atomic_writer(uri: PathLike) -> Iterator[IO[bytes]]:
-    """A binary file handle whose content appears at `uri` only if the block exits without error."""
+    """A binary file handle whose content appears at `uri` only if the block exits without error (an OSError
+    raised on the way names `uri` as its filename)."""
     uri = _fspath(uri)
+    try:
+        with _atomic_writer(uri) as f:
+            yield f
+    except OSError as e:
+        _name_the_path(e, uri)
+        raise
+
+
+@contextlib.contextmanager
+def _atomic_writer(uri: str) -> Iterator[IO[bytes]]:
     fs, path = filesystem(uri)
     if is_remote(uri):
         f = fs.open(path, "wb")

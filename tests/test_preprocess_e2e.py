@@ -315,6 +315,7 @@ def test_one_worker_with_worker_deaths_equals_two_workers(clean_local, mixed_inp
     assert sorted(os.listdir(Path(out, "_work", "faults"))) == ["bucket-1", "encode-1", "shard-train-000001"]  # all
     assert [p for p in os.listdir(Path(out, "shards")) if p.startswith(".")] == []  # the dead writer's temp is gone
     _assert_same(_data_files(clean_local), _data_files(out))
+    assert json.loads(Path(out, "summary.json").read_text())["task_retries"] == {"worker_died": 3}
 
 
 def test_killed_driver_reruns_to_identical_output(clean_local, mixed_inputs, tmp_path):
@@ -466,17 +467,23 @@ def test_bounded_never_has_more_than_max_in_flight_pending(ray_cluster):
                 return task.remote(bytes([i]) * 32, 0.5)
             yield i, submit
 
-    for key, result in executor.bounded(submissions(), max_in_flight=3):
+    for key, outcome in executor.bounded(submissions(), max_in_flight=3):
         finished.append(key)
-        assert result == body_split(bytes([key]) * 32, 0.5)
+        assert outcome.value == body_split(bytes([key]) * 32, 0.5)
     assert sorted(finished) == list(range(12))
     assert max(high_water) == 3
 
 
-def test_a_task_failing_every_retry_stops_the_job_with_a_resume_hint(ray_cluster):
+def test_a_failing_task_is_not_retried_and_stops_the_job_with_a_resume_hint(ray_cluster):
+    """A bug (here a TypeError) is not transient: no retry, one line, its traceback in the log file."""
     task = executor.remote(body_split)
-    with pytest.raises(PreprocessError, match="failed 4 times.*rerunning the same command resumes"):
+    executor.take_task_retries()
+    with pytest.raises(PreprocessError, match=r"task bad failed: TypeError.*not retried.*rerunning the same "
+                                              r"command resumes") as info:
         list(executor.run_bounded([("bad", lambda: task.remote(None, 0.5))], 2, 1, "encode (units)"))
+    assert info.value.exit_code == 1 and "\n" not in str(info.value)
+    assert executor.take_task_retries() == {}
+    assert "Traceback" in Path(executor.log_path()).read_text()
 
 
 def test_tasks_declare_the_memory_they_need(ray_cluster):
@@ -488,9 +495,9 @@ def test_tasks_declare_the_memory_they_need(ray_cluster):
 
         return ray.get_runtime_context().get_assigned_resources()
 
-    got = ray.get(executor.remote(assigned, 100 * 2**20).remote())
+    got = ray.get(executor.remote(assigned, 100 * 2**20).remote()).value
     assert got["CPU"] == 1 and got["memory"] == executor.WORKER_MEMORY + 100 * 2**20
-    assert ray.get(executor.remote(assigned, 10**15).remote())["memory"] == executor.largest_node_memory()
+    assert ray.get(executor.remote(assigned, 10**15).remote()).value["memory"] == executor.largest_node_memory()
 
 
 def test_only_bad_images_is_an_error_but_the_stats_are_written(ray_cluster, tmp_path, capsys):

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import pytest
 
-from jpeglm.devtools.processes import free_port
+from jpeglm.devtools.processes import free_port, process_tree
 from trainer import checkpoint as ckpt
 from trainer.data import Manifest, SampleOrder, read_rows, read_sample_records
 
@@ -49,26 +49,6 @@ def _env() -> dict:
 def torchrun(nproc: int, data: str, run_dir: str, *overrides: str, launcher: str = "torch.distributed.run") -> list[str]:
     return [sys.executable, "-m", launcher, "--standalone", f"--nproc_per_node={nproc}",
             "-m", "trainer.train", "--config", "tiny", "--data", data, "--run-dir", run_dir, *overrides]
-
-
-def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants (from /proc): torchrun starts each worker in a session of its own, so killing
-    torchrun's process group would leave the workers running."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
 
 
 def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:

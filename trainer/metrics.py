@@ -127,7 +127,30 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
-            self._tb.close()
+            tb, self._tb = self._tb, None
+            try:
+                tb.close()  # flushes: fails on a full disk, which a failed save has already reported
+            except (RuntimeError, OSError) as e:
+                import logging
+
+                logging.getLogger(__name__).warning("TensorBoard events not flushed: %s: %s", type(e).__name__, e)
+                _abandon(tb)
+
+
+def _abandon(tb) -> None:
+    """Stop a tensorboardX writer whose close() failed, so that neither its atexit hook nor its thread tries (and
+    fails, with a traceback) again at exit. tensorboardX internals, hence every step may fail quietly."""
+    import contextlib
+
+    for writer in list((getattr(tb, "all_writers", None) or {}).values()):
+        events = getattr(writer, "event_writer", None)
+        if events is None or getattr(events, "_closed", True):
+            continue
+        with contextlib.suppress(Exception):
+            events._worker.stop()
+        with contextlib.suppress(Exception):
+            events._ev_writer.close()
+        events._closed = True
 
 
 def read_metrics(path: str) -> list[dict]:

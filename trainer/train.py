@@ -114,13 +114,20 @@ def run(args: argparse.Namespace) -> int:
         if world > 1:
             e.args = (f"rank {rank}: {e}",)
         raise
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:
+        from pipeline.environment import problem_of
         from trainer.distributed import lost_a_peer
 
-        if not lost_a_peer(e):
+        if lost_a_peer(e):
+            print(f"jpeglm train: rank {rank} stopped: another rank ended (its output says why)", file=sys.stderr,
+                  flush=True)
+            return 1
+        problem = problem_of(e)
+        if problem is None:
             raise
-        print(f"jpeglm train: rank {rank} stopped: another rank ended (its output says why)", file=sys.stderr,
-              flush=True)
+        # e.g. metrics.jsonl on a full disk: the environment must change, the last checkpoint is intact
+        print(f"jpeglm train: error: rank {rank}: {problem.line('--run-dir')}; a rerun resumes from the last "
+              "complete checkpoint", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         return _interrupted_before_training(rank)
@@ -276,6 +283,13 @@ def setup(plan: Plan) -> Context:
     ds_cfg = deepspeed_config(cfg, world, load_universal=bool(point) and point.needs_universal(world))
 
     model_cfg = cfg.model
+    if rank == 0:
+        from trainer.disk import quiet_thread_failures, space_warning
+
+        quiet_thread_failures()  # the TensorBoard writer's thread on a full disk: one line
+        short = space_warning(run_dir, model_cfg.num_params(non_embedding=False), cfg.checkpoint.keep_last)
+        if short:
+            log.warning("%s", short)
     seed_all(t.seed)  # identical initial weights on every rank and in every run with this seed
     with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=cfg.zero.stage == 3 and cfg.zero.init):
         # Transformer initializes through self.apply, which zero.Init intercepts: each partitioned parameter is
@@ -475,8 +489,20 @@ def save_checkpoint(ctx: Context, step: int) -> str:
                  "samples_per_epoch": loader["samples_per_epoch"]},
         "loader": loader,
     }
-    tag = ckpt.save(ctx.engine, root, step, client_state, state, ctx.cfg.checkpoint.keep_last,
-                    tokenizer_bytes=ctx.tokenizer_bytes if ctx.rank == 0 else None)
+    resume_from = ckpt.latest_tag(root)
+    try:
+        tag = ckpt.save(ctx.engine, root, step, client_state, state, ctx.cfg.checkpoint.keep_last,
+                        tokenizer_bytes=ctx.tokenizer_bytes if ctx.rank == 0 else None)
+    except (RuntimeError, OSError) as e:
+        from trainer.disk import checkpoint_bytes, save_failed
+        from trainer.distributed import lost_a_peer
+
+        needed = checkpoint_bytes(ctx.model_cfg.num_params(non_embedding=False))
+        failed = None if lost_a_peer(e) else save_failed(e, os.path.join(root, ckpt.tag_for(step)), step, needed,
+                                                         resume_from and os.path.join(root, resume_from))
+        if failed is None:
+            raise
+        raise failed from None
     ctx.logger.write(f"step {step}: checkpoint {os.path.join(root, tag)} ({time.perf_counter() - t0:.1f} s)")
     return tag
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from jpeglm.devtools.processes import free_port, wait_for_port
+from jpeglm.devtools.processes import free_port, process_name, process_tree, wait_for_port
 
 START_TIMEOUT_S = 90
 STOP_TIMEOUT_S = 30
@@ -40,6 +40,10 @@ class LocalCluster:
     hidden: list[str]  # folders the worker node cannot see
     temp_dir: str
     processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def worker_raylet(self) -> int | None:
+        """The process id of the worker node's raylet (kill -9 it to lose that node), None if it is gone."""
+        return next((p for p in process_tree(self.processes[1].pid) if process_name(p) == "raylet"), None)
 
     def env(self) -> dict[str, str]:
         """Environment for a driver subprocess (e.g. `jpeglm preprocess`) that should use this cluster."""

@@ -11,7 +11,9 @@ Out of process (so that its work does not share the GIL with what is measured):
     # prints "endpoint http://127.0.0.1:PORT"; ProxyControl(endpoint) reads stats and changes the settings
 
 Each request waits `delay_s` before it is forwarded (a fixed round trip, as S3 at 20-50 ms per request), and a
-`fault_fraction` of requests is answered `503 SlowDown` instead (the body S3 sends when it throttles). Which
+`fault_fraction` of requests is answered `503 SlowDown` instead (the body S3 sends when it throttles).
+`deny_writes` (a path prefix such as "/bucket/out/_work/encoded/") answers every write (PUT, POST) under it
+`403 AccessDenied`, as a bucket policy or a read-only role does. Which
 attempts fail is a pure function of (seed, method, path, attempt number of that request), so a run is
 reproducible however the requests interleave. TCP_NODELAY on both sides: without it Nagle's algorithm and
 delayed ACKs add ~40 ms to a ~70 KB GET. Binds 127.0.0.1 only. HTTP/1.1 with keep-alive, Content-Length or
@@ -33,6 +35,8 @@ from typing import BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
 CONTROL_PREFIX = "/_s3proxy/"  # answered by the proxy itself, never counted or forwarded
+ACCESS_DENIED_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                      b"<Message>Access Denied</Message></Error>")
 SLOW_DOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                   b"<Message>Please reduce your request rate.</Message></Error>")
 _MAX_HEADER_BYTES = 1 << 16
@@ -101,8 +105,10 @@ class S3Proxy:
     """See the module docstring. `endpoint` is the URL to give clients; `stats()` and `reset_stats()` read and
     clear the counters; `delay_s` and `fault_fraction` may be changed while it runs."""
 
-    def __init__(self, upstream: str, delay_s: float = 0.0, fault_fraction: float = 0.0, seed: int = 0):
+    def __init__(self, upstream: str, delay_s: float = 0.0, fault_fraction: float = 0.0, seed: int = 0,
+                 deny_writes: str | None = None):
         parts = urlsplit(upstream)
+        self.deny_writes = deny_writes
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.delay_s = delay_s
         self.fault_fraction = fault_fraction
@@ -153,7 +159,7 @@ class S3Proxy:
             self._max_in_flight = 0
 
     def stats(self) -> dict:
-        """requests (total and by method), faults (503s sent), response_bytes (bodies sent to clients: bytes read
+        """requests (total and by method), faults (503s and 403s sent), response_bytes (bodies sent to clients: bytes read
         from storage), request_bytes (bodies received: bytes written), max_in_flight (most requests between
         arrival and the end of their response at any moment)."""
         with self._lock:
@@ -216,6 +222,12 @@ class S3Proxy:
                 try:
                     if self.delay_s > 0:
                         time.sleep(self.delay_s)
+                    if self.deny_writes and method in ("PUT", "POST") and target.startswith(self.deny_writes):
+                        with self._lock:
+                            self._faults += 1
+                        client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\n"
+                                       b"Content-Length: %d\r\n\r\n" % len(ACCESS_DENIED_BODY) + ACCESS_DENIED_BODY)
+                        continue
                     if self._fault(method, target):
                         with self._lock:
                             self._faults += 1

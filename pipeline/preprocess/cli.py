@@ -1,7 +1,9 @@
 """`jpeglm preprocess` command line: flags, and the command that runs a Job and prints its summary.
 
-Exit status: 0 done (or already complete), 1 no usable image or too many environment failures, 2 a refused flag,
-input or output (one line, no traceback), 130 interrupted (finished work is kept; the same command resumes).
+Exit status: 0 done (or already complete), 1 no usable image, too many environment failures, or a task failure
+no retry can fix (disk full, read-only, no permission, S3 access denied: one line saying what to change; the same
+command then resumes), 2 a refused flag, input or output (one line, no traceback), 130 interrupted (finished work
+is kept; the same command resumes).
 """
 
 from __future__ import annotations
@@ -144,6 +146,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     ray_.add_argument("--images-per-bucket", type=_positive_int, default=DEFAULTS["images_per_bucket"], metavar="N",
                       help="images per shuffle bucket, one Ray task each; bounds its memory (~10 KB per image) "
                            "(default: %(default)s)")
+    ray_.add_argument("--verbose", action="store_true",
+                      help="leave Ray's own output (worker logs, raylet messages) on the terminal; by default it "
+                           "goes to a log file named when something fails (JPEGLM_VERBOSE=1 does the same)")
     ray_.add_argument("--max-in-flight", type=_positive_int, default=None, metavar="N",
                       help="most tasks submitted at once, for backpressure (default: 2 x the cluster's CPUs)")
 
@@ -156,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = job.run(address=args.address, num_cpus=args.num_cpus, max_in_flight=args.max_in_flight,
                           overwrite=args.overwrite, keep_work=args.keep_work,
-                          max_failed_fraction=args.max_failed_fraction)
+                          max_failed_fraction=args.max_failed_fraction, verbose=args.verbose)
     except KeyboardInterrupt:
         print(f"\njpeglm preprocess: interrupted; finished work is kept in {job.output}: run the same command "
               "again to resume", file=sys.stderr, flush=True)

@@ -94,7 +94,7 @@ class Job:
 
     def run(self, address: str | None = None, num_cpus: int | None = None, max_in_flight: int | None = None,
             overwrite: bool = False, keep_work: bool = False,
-            max_failed_fraction: float = DEFAULTS["max_failed_fraction"]) -> dict:
+            max_failed_fraction: float = DEFAULTS["max_failed_fraction"], verbose: bool = False) -> dict:
         """Run (or resume) the job; returns the summary. Nothing is created in OUTPUT before the inputs and OUTPUT
         are checked and Ray has started."""
         start = time.perf_counter()
@@ -107,7 +107,7 @@ class Job:
         from pipeline import sources
 
         log.info("images: %s", sources.readable_formats_line())
-        started_ray = executor.init_ray(address, num_cpus)
+        started_ray = executor.init_ray(address, num_cpus, verbose, self.output)
         try:
             import ray
 
@@ -139,9 +139,7 @@ class Job:
             lap("shards")
         finally:
             if started_ray:
-                import ray
-
-                ray.shutdown()
+                executor.shutdown_ray()
         total = encoded.failed + bucket_counts
         retries = encoded.retries + bucket_retries + shard_retries
         if retries:
@@ -155,6 +153,7 @@ class Job:
             padding_tokens=shard_totals["padding"], dropped_tokens=shard_totals["dropped"],
             wall_s=time.perf_counter() - start, images_this_run=images_this_run, cpus=cpus, retries=retries,
         )
+        summary["task_retries"] = executor.report_task_retries()
         summary["image_size"] = self.config["codec"]["size"]
         summary["phase_seconds"] = phases
         manifest["images"] = {"total": total.images, "ok": total.ok,
