@@ -84,8 +84,9 @@ if [ ! -f "$BUILT" ]; then
 fi
 
 # The strict JPEG judge (pipeline/strict_decode.py): `djpeg -strict` and libturbojpeg, from libjpeg-turbo-progs.
+# (grep without -q reads the whole listing: under pipefail, -q's early exit fails ldconfig with SIGPIPE.)
 if ! command -v djpeg >/dev/null 2>&1 || ! { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } \
-        | grep -q 'libturbojpeg\.so\.0'; then
+        | grep 'libturbojpeg\.so\.0' >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         step "installing the strict JPEG judge (libjpeg-turbo-progs: djpeg, libturbojpeg) with apt-get (~15 s)"
         export DEBIAN_FRONTEND=noninteractive
