@@ -156,9 +156,9 @@ class Job:
         summary["image_size"] = self.config["codec"]["size"]
         summary["phase_seconds"] = phases
         manifest["images"] = {"total": total.images, "ok": total.ok,
-                              "duplicate": total.status.get(stats.DUPLICATE, 0),
-                              "near_duplicate": total.status.get(stats.NEAR_DUPLICATE, 0),
-                              "excluded": total.status.get(stats.EXCLUDED, 0), "failed": stats.failures(total)}
+                              "duplicate": total.status.get(stats.DUPLICATE, 0), "failed": stats.failures(total)}
+        manifest["images"].update({s: total.status[s] for s in (stats.NEAR_DUPLICATE, stats.EXCLUDED)
+                                   if total.status.get(s)})  # present when there are some
         for key, value in curation_report(self.config, curation, total).items():
             manifest[key] = summary[key] = value
         manifest["stats"] = {"path": "stats/", "files": plan.units + plan.buckets}
