@@ -102,6 +102,7 @@ class Job:
             self.already_complete = True
             return json.loads(storage.read_bytes(self.layout.summary)) if storage.exists(self.layout.summary) else {}
         checks.check_inputs_hold_images(self.config["inputs"], self.config["image_column"])
+        checks.check_inputs_hold_images(self.config.get("exclude", []), self.config["image_column"])  # --exclude
         from pipeline import sources
 
         log.info("images: %s", sources.readable_formats_line())
@@ -109,7 +110,8 @@ class Job:
         try:
             import ray
 
-            checks.check_cluster_sees(self.config["inputs"], self.output)  # every node sees the local paths
+            checks.check_cluster_sees(self.config["inputs"] + self.config.get("exclude", []),
+                                      self.output)  # every node sees the local paths
             self._claim(state)
             cpus = float(ray.cluster_resources().get("CPU", 1))
             in_flight = max_in_flight or max(2, int(2 * cpus))
