@@ -102,7 +102,8 @@ class Job:
             self.already_complete = True
             return json.loads(storage.read_bytes(self.layout.summary)) if storage.exists(self.layout.summary) else {}
         checks.check_inputs_hold_images(self.config["inputs"], self.config["image_column"])
-        checks.check_inputs_hold_images(self.config.get("exclude", []), self.config["image_column"])  # --exclude
+        if self.config.get("exclude"):
+            checks.check_inputs_hold_images(self.config["exclude"], self.config["image_column"])
         from pipeline import sources
 
         log.info("images: %s", sources.readable_formats_line())
