@@ -226,7 +226,7 @@ print(json.dumps({{"record": record, "peak_kb": peak}}))
     record = result["record"]
     assert record["groups"] == 1 and record["near_duplicate"] == 1_000_000 - 1
     assert record["largest_groups"] == [1_000_000]
-    assert result["peak_kb"] < 1_200_000, result  # ~1 KB per image would mean per-image Python objects
+    assert result["peak_kb"] < 800_000, result  # ~460 MB measured, writing the inputs included
     dropped = sum(pq.read_metadata(p).num_rows for p in (out / "_work" / "neardup" / "drops").iterdir())
     assert dropped == 1_000_000 - 1
 

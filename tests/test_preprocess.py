@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from jpeglm import cli
 from pipeline import packing, stats, storage
@@ -55,8 +56,23 @@ def test_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for flag in ("--input", "--output", "--tokenizer", "--bpe-sample", "--vocab-size", "--seq-len", "--images-per-unit",
                  "--shard-size", "--val-fraction", "--min-side", "--address", "--num-cpus", "--overwrite", "--seed",
-                 "--dedup", "--images-per-bucket", "--max-failed-fraction"):
+                 "--dedup", "--images-per-bucket", "--max-failed-fraction", "--near-radius", "--exclude",
+                 "--max-aspect-ratio"):
         assert flag in text
+
+
+def test_curation_flags_are_refused_in_one_line_before_anything_starts(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "in" / "a.png")
+    base = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    assert "--near-radius must be in [0, 12]" in _refused(capsys, [*base, "--near-radius", "13"])
+    assert "--max-aspect-ratio must be >= 1" in _refused(capsys, [*base, "--max-aspect-ratio", "0.5"])
+    err = _refused(capsys, [*base, "--exclude", str(tmp_path / "missing")])
+    assert err.startswith("jpeglm preprocess: error: --exclude: input ") and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    err = _refused(capsys, [*base, "--exclude", str(tmp_path / "empty")])
+    assert str(tmp_path / "empty") in err and "holds no images" in err
+    assert not (tmp_path / "out").exists()
 
 
 def _refused(capsys, argv) -> str:

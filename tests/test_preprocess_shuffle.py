@@ -55,7 +55,8 @@ def class_folders(tmp_path_factory):
 def classes_output(ray_cluster, class_folders, tmp_path_factory):
     root, _, _ = class_folders
     out = str(tmp_path_factory.mktemp("classes-out") / "out")
-    _run(str(root), out, "--images-per-bucket", "64")  # 280 images: 5 buckets
+    # --dedup exact: this module is about exact copies; the derived photos hold a near pair (tests/test_neardup*.py)
+    _run(str(root), out, "--images-per-bucket", "64", "--dedup", "exact")  # 280 images: 5 buckets
     return out
 
 
@@ -95,7 +96,7 @@ def test_packed_stream_is_shuffled_and_copies_are_packed_once(classes_output, cl
     assert listing_same > 5 * listing_expected
 
     again = str(tmp_path / "again")  # the same command into another folder: every byte the same
-    _run(str(root), again, "--images-per-bucket", "64")
+    _run(str(root), again, "--images-per-bucket", "64", "--dedup", "exact")
     _assert_same(_data_files(classes_output), _data_files(again))
 
 
@@ -109,17 +110,17 @@ def test_split_never_moves_when_an_input_is_added_and_the_seed_only_reorders(cla
     before = split_by_body(classes_output)
     assert 0 < sum(s == "validation" for s in before.values()) < len(before)
     both = str(tmp_path / "both")  # a second --input: ids get a prefix, the split of every image stays
-    _run([str(root), str(extra)], both, "--images-per-bucket", "64", "--tokenizer", tok)
+    _run([str(root), str(extra)], both, "--images-per-bucket", "64", "--tokenizer", tok, "--dedup", "exact")
     after = split_by_body(both)
     assert len(after) == len(before) + 30 and {h: after[h] for h in before} == before
 
     reseeded = str(tmp_path / "seed1")  # another seed: the same images in the same splits, in another order
-    _run(str(root), reseeded, "--images-per-bucket", "64", "--tokenizer", tok, "--seed", "1")
+    _run(str(root), reseeded, "--images-per-bucket", "64", "--tokenizer", tok, "--seed", "1", "--dedup", "exact")
     assert split_by_body(reseeded) == before
     a, b = _packed_ids(classes_output), _packed_ids(reseeded)
     assert all(sorted(a[s]) == sorted(b[s]) for s in a) and a["train"] != b["train"]
     same_seed = str(tmp_path / "seed0")  # the order is a function of content and seed only: not of the buckets
-    _run(str(root), same_seed, "--images-per-bucket", "1000", "--tokenizer", tok)
+    _run(str(root), same_seed, "--images-per-bucket", "1000", "--tokenizer", tok, "--dedup", "exact")
     assert _packed_ids(same_seed) == a
 
 

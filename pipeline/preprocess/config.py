@@ -13,7 +13,7 @@ DEFAULTS = dict(bpe_sample=10_000, vocab_size=320, seq_len=12_288, images_per_un
                 val_fraction=0.01, min_side=0, last_row="pad", image_size=256, seed=0, dedup="near",
                 images_per_bucket=20_000, max_failed_fraction=0.01, near_radius=4, max_aspect_ratio=0.0)
 DEDUP_MODES = ("exact", "near", "none")
-MAX_NEAR_RADIUS = 12  # bands of >= 5 bits: wider radii match unrelated images (bench/bench_neardup.py)
+MAX_NEAR_RADIUS = 12  # 13 bands of ~5 bits; beyond ~8 unrelated images match (bench/bench_neardup.py)
 
 
 class PreprocessError(UserError):

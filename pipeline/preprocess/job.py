@@ -104,6 +104,8 @@ class Job:
             self.already_complete = True
             return json.loads(storage.read_bytes(self.layout.summary)) if storage.exists(self.layout.summary) else {}
         checks.check_inputs_hold_images(self.config["inputs"], self.config["image_column"])
+        if self.config.get("exclude"):
+            checks.check_inputs_hold_images(self.config["exclude"], self.config["image_column"])
         from pipeline import sources
 
         log.info("images: %s", sources.readable_formats_line())
@@ -111,7 +113,8 @@ class Job:
         try:
             import ray
 
-            checks.check_cluster_sees(self.config["inputs"], self.output)  # every node sees the local paths
+            checks.check_cluster_sees(self.config["inputs"] + self.config.get("exclude", []),
+                                      self.output)  # every node sees the local paths
             self._claim(state)
             cpus = float(ray.cluster_resources().get("CPU", 1))
             in_flight = max_in_flight or max(2, int(2 * cpus))
@@ -157,9 +160,9 @@ class Job:
         summary["image_size"] = self.config["codec"]["size"]
         summary["phase_seconds"] = phases
         manifest["images"] = {"total": total.images, "ok": total.ok,
-                              "duplicate": total.status.get(stats.DUPLICATE, 0),
-                              "near_duplicate": total.status.get(stats.NEAR_DUPLICATE, 0),
-                              "excluded": total.status.get(stats.EXCLUDED, 0), "failed": stats.failures(total)}
+                              "duplicate": total.status.get(stats.DUPLICATE, 0), "failed": stats.failures(total)}
+        manifest["images"].update({s: total.status[s] for s in (stats.NEAR_DUPLICATE, stats.EXCLUDED)
+                                   if total.status.get(s)})  # present when there are some
         for key, value in curation_report(self.config, curation, total).items():
             manifest[key] = summary[key] = value
         manifest["stats"] = {"path": "stats/", "files": plan.units + plan.buckets}

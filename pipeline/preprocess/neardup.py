@@ -3,8 +3,8 @@ near`) or of an excluded image (`--exclude`), decided on the pHash of each canon
 
 - The encode task writes, per unit, `_work/encoded/NNNNNN.hashes.parquet` (HASHES_SCHEMA: position, phash,
   body_sha256, id of each ok image); the exclude stage (exclude.py) writes the same for the excluded images.
-- One band task per (band k of the R + 1 bands, partition p of P): it reads only the phash column of every unit's
-  file, keeps the hashes whose band-k value falls in partition p (a mix of the band value modulo P, so a task holds
+- One band task per (band k of the R + 1 bands, partition p of P): it decodes only the phash column of every
+  unit's file (the file is read whole: ~60 bytes per image), keeps the hashes whose band-k value falls in partition p (a mix of the band value modulo P, so a task holds
   about 1/P of the distinct hashes: P is fixed by NEAR_TASK_HASHES, the knob of its memory), and writes the pairs
   within R that band k reports (pipeline/hamming.py: each pair by exactly one band), as hash values: near pairs
   between images, matches against excluded images, and, on band 0, every hash that two images share (distance 0).
