@@ -18,7 +18,7 @@ tokens that keep the stream valid, so each sample ends as a whole, strictly deco
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -237,7 +237,6 @@ class GenerationStats:
     decode_s: float = 0.0
     new_tokens: int = 0
     steps: int = 0
-    rows: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -381,7 +380,6 @@ def generate(
             logits = model(seq)[:, -1]
     _sync(device)
     stats.decode_s += time.perf_counter() - t0
-    stats.rows.append(n)
     return [Generation(o, s) for o, s in zip(out, stop)]
 
 
