@@ -304,3 +304,39 @@ def test_a_task_killed_by_rays_memory_monitor_names_the_knobs(sample_image_dir, 
     assert_one_clear_line(text, "killed by Ray's memory monitor", "the task declared", "--images-per-unit",
                           "--max-in-flight", "rerunning the same command resumes")
     assert "Refer to the documentation" not in text  # Ray's own explanation went to the log file
+
+
+@pytest.mark.slow
+def test_rays_forwarded_output_goes_to_the_log_file_and_back_with_verbose(tmp_path, capfd):
+    """A task's print reaches the driver through Ray's log forwarding: into the log file by default, on the
+    terminal again after restore() (what --verbose leaves alone)."""
+    import time
+
+    import ray
+
+    from pipeline.preprocess.ray_output import RayLog, Routing
+
+    def _say(text: str) -> str:  # local: pickled by value (a test module is not importable in a worker)
+        print(text)
+        return text
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=True)
+    try:
+        sink = RayLog(str(tmp_path / "ray.log"))
+        routing = Routing(sink).start()
+        say = ray.remote(_say)
+        assert ray.get(say.remote("routed-line")) == "routed-line"
+        deadline = time.monotonic() + 30
+        while sink.written() is None or "routed-line" not in Path(sink.path).read_text():
+            assert time.monotonic() < deadline, "the task's line never reached the log file"
+            time.sleep(0.2)
+        routing.restore()
+        ray.get(say.remote("terminal-line"))
+        deadline = time.monotonic() + 30
+        seen = ""
+        while "terminal-line" not in seen and time.monotonic() < deadline:
+            time.sleep(0.2)
+            seen += capfd.readouterr().out
+        assert "terminal-line" in seen and "routed-line" not in seen
+    finally:
+        ray.shutdown()

@@ -108,8 +108,8 @@ def largest_node_memory() -> int:
 class Task:
     """A Ray task: `.remote(*args)` submits it (an ObjectRef of a failures.Outcome); `.memory` it declared."""
 
-    def __init__(self, remote_function, name: str, memory: int):
-        self.remote_function, self.name, self.memory = remote_function, name, memory
+    def __init__(self, remote_function, memory: int):
+        self.remote_function, self.memory = remote_function, memory
 
     def remote(self, *args, **kwargs):
         ref = self.remote_function.remote(*args, **kwargs)
@@ -117,7 +117,7 @@ class Task:
         return ref
 
 
-_DECLARED: dict = {}  # ObjectRef -> Task, for the messages of failed tasks
+_DECLARED: dict = {}  # ObjectRef -> Task until bounded() takes its result, for the messages of failed tasks
 
 
 def remote(fn: Callable, data_bytes: int = 0) -> Task:
@@ -135,7 +135,7 @@ def remote(fn: Callable, data_bytes: int = 0) -> Task:
     # Ray retries a task whose worker died (its output is the same whichever attempt writes it); exceptions are
     # classified and retried (or not) inside the task by failures.guarded.
     return Task(ray.remote(num_cpus=1, memory=memory, max_retries=TASK_RETRIES, retry_exceptions=False)(
-        failures.guarded(fn)), fn.__name__, memory)
+        failures.guarded(fn)), memory)
 
 
 def run_bounded(submissions: Iterable[tuple[object, Callable]], max_in_flight: int, total: int,

@@ -93,8 +93,17 @@ class Routing:
         except (ImportError, AttributeError) as e:
             log.debug("Ray's output stays on the terminal (no hook in this Ray: %s)", e)
             return self
+        rays = [h for name, h in getattr(dispatcher, "handlers", []) if name == _HANDLER_NAME]
         dispatcher.remove_handler(_HANDLER_NAME)
         dispatcher.add_handler(_HANDLER_NAME, self.sink.write_batch)
+
+        def restore_dispatcher():
+            dispatcher.remove_handler(_HANDLER_NAME)
+            if ray_worker.global_worker.connected:  # after ray.shutdown, the next ray.init adds its own
+                for h in rays:
+                    dispatcher.add_handler(_HANDLER_NAME, h)
+
+        self._saved.append(restore_dispatcher)
         # the raylet's error messages (a node's state dump, worker deaths) are printed through this name
         ray_worker.print_to_stdstream = self.sink.write_batch
         self._saved.append(lambda: setattr(ray_worker, "print_to_stdstream", original))
