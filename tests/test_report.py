@@ -27,8 +27,8 @@ INPUTS = ["/data/web", "/data/extra"]
 
 
 def _write_stats(uri: str, rows: list[dict]) -> None:
-    """Rows of the current schema plus the columns a newer jpeglm adds (phash, excluded_by)."""
-    schema = stats.SCHEMA.append(pa.field("phash", pa.uint64())).append(pa.field("excluded_by", pa.string()))
+    """Rows of the stats schema (phash, excluded_by included)."""
+    schema = stats.SCHEMA
     full = [{name: r.get(name) for name in schema.names} for r in rows]
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(full, schema=schema), buf)

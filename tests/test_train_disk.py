@@ -69,13 +69,12 @@ def test_space_warning_counts_keep_last_plus_the_checkpoint_being_written(tmp_pa
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_the_estimate_covers_a_real_checkpoint(undisturbed):
-    from trainer.model import ModelConfig
-    from trainer.ds_config import load_config
+    from trainer.config import load_config
 
     root = ckpt.checkpoints_dir(undisturbed)
     real = disk.folder_bytes(os.path.join(root, ckpt.latest_tag(root)))
     cfg = load_config("tiny", OVERRIDES)
-    estimate = disk.checkpoint_bytes(ModelConfig.from_dict(cfg["model"]).num_params(non_embedding=False))
+    estimate = disk.checkpoint_bytes(cfg.model.num_params(non_embedding=False))
     print(f"checkpoint: {real:,} bytes on disk, estimated {estimate:,}")
     assert real <= estimate <= real + 2 * disk.OVERHEAD_BYTES
 
