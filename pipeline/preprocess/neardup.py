@@ -48,7 +48,7 @@ from pipeline.preprocess.results import retry_counts, write_record
 log = logging.getLogger(__name__)
 
 NEAR_TASK_HASHES = 8_000_000  # hashes a band task holds at most (~40 bytes each with its sort): P = N / this
-READ_WINDOW = 16  # hash files read ahead per task
+READ_WINDOW = 16  # hashes files the group task reads ahead
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads band values (zeros in low bits) over partitions
 SLOT_BITS = 10
 # Hash slots per band in a bands file. P is decided after encode (it needs the ok images), so the encode task
