@@ -19,8 +19,9 @@
    pairs at N images; the uniform-bits figure is shown for comparison.
 4. scale: the grouping stage (band tasks, then the group task, each run as the plain function in a fresh process)
    on synthetic hashes with planted groups (10% of the images near-copies 1-4 bits from a base, 1% sharing one
-   hash: flat images), bits drawn with the measured per-bit probabilities; seconds and peak RSS of every task, and
-   the driver's (the process that runs the phase: it holds no per-image data). NEAR_TASK_HASHES = --task-hashes.
+   hash: flat images), bits drawn with the measured per-bit probabilities; seconds, peak RSS and bytes read of
+   every band task, and the driver's (the process that runs the phase: it holds no per-image data).
+   NEAR_TASK_HASHES = --task-hashes.
 5. real: `jpeglm preprocess --dedup near` on --real derived images (local Ray, 2 CPUs): the neardup phase's
    seconds and images/s next to the encode phase.
 """
@@ -235,9 +236,10 @@ print(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
 """
 
 
-def _write_synthetic(out: str, n: int, per_unit: int, p_one: np.ndarray, seed: int) -> tuple[int, int]:
-    """Units of synthetic hashes: 10% near-copies of a base (1-4 bits flipped), 1% one flat hash; returns
-    (units, planted copies)."""
+def _write_synthetic(out: str, n: int, per_unit: int, p_one: np.ndarray, seed: int,
+                     radius: int) -> tuple[int, int]:
+    """Units of synthetic hashes (hashes and bands files, as the encode task writes them): 10% near-copies of a
+    base (1-4 bits flipped), 1% one flat hash; returns (units, planted copies)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -268,6 +270,8 @@ def _write_synthetic(out: str, n: int, per_unit: int, p_one: np.ndarray, seed: i
                                       pa.array(rng.integers(0, 1 + n // 20000, m), pa.uint32())],
                                      schema=neardup.HASHES_SCHEMA)
         pq.write_table(table, layout.unit_hashes(u), compression="zstd")
+        with open(layout.unit_bands(u), "wb") as f:
+            f.write(neardup.bands_bytes(h, radius))
     return units, planted
 
 
@@ -277,7 +281,7 @@ def simulate(n: int, radius: int, task_hashes: int, p_one: np.ndarray, workdir: 
     out = os.path.join(workdir, f"sim-{n}")
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    units, planted = _write_synthetic(out, n, 100_000, p_one, seed=n)
+    units, planted = _write_synthetic(out, n, 100_000, p_one, seed=n, radius=radius)
     write_s = time.perf_counter() - t0
     parts = max(1, math.ceil(n / task_hashes))
     bands = len(hamming.band_masks(radius))
@@ -301,6 +305,8 @@ def simulate(n: int, radius: int, task_hashes: int, p_one: np.ndarray, workdir: 
             "band_task_s_max": max(r["seconds"] for r in band_runs), "band_tasks_s_total": round(
                 sum(r["seconds"] for r in band_runs), 1),
             "band_task_peak_rss_mb_max": max(r["peak_rss_mb"] for r in band_runs),
+            "band_task_mb_read_max": round(max(r["record"]["bytes_read"] for r in band_runs) / 1e6, 1),
+            "band_tasks_mb_read_total": round(sum(r["record"]["bytes_read"] for r in band_runs) / 1e6, 1),
             "group_task_s": group["seconds"], "group_task_peak_rss_mb": group["peak_rss_mb"],
             "task_process_base_rss_mb": base, "pairs": sum(r["record"]["pairs"] for r in band_runs),
             "groups": group["record"]["groups"], "near_duplicate": group["record"]["near_duplicate"],

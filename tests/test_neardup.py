@@ -113,13 +113,13 @@ def test_phash_near_copies_are_close_and_different_photos_far():
 
 
 def _write_units(layout: Layout, units: list[list[tuple[int, bytes, str]]], exclude: bool = False,
-                 buckets: int = 3) -> None:
+                 buckets: int = 3, radius: int = 4) -> None:
     for u, rows in enumerate(units):
-        data = neardup.hashes_bytes([(p, h, sha, image_id, 0 if exclude else bucket_of(order_key(sha, 0), buckets))
-                                     for p, (h, sha, image_id) in enumerate(rows)])
         path = Path(layout.exclude_hashes(u) if exclude else layout.unit_hashes(u))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        neardup.write_hashes(str(path), layout.exclude_bands(u) if exclude else layout.unit_bands(u),
+                             [(p, h, sha, image_id, 0 if exclude else bucket_of(order_key(sha, 0), buckets))
+                              for p, (h, sha, image_id) in enumerate(rows)], radius)
 
 
 def _run_tasks(out: str, units: int, radius: int, parts: int, exclude_units: int = 0, near: bool = True) -> dict:
@@ -215,6 +215,7 @@ for u in range(units):
                              schema=neardup.HASHES_SCHEMA)
     os.makedirs(os.path.dirname(layout.unit_hashes(u)), exist_ok=True)
     pq.write_table(t, layout.unit_hashes(u))
+    open(layout.unit_bands(u), "wb").write(neardup.bands_bytes(np.full(n, 12345, np.uint64), 4))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 record = _run_tasks({str(out)!r}, units, radius=4, parts=2)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -230,3 +231,47 @@ print(json.dumps({{"record": record, "peak_kb": peak}}))
     dropped = sum(pq.read_metadata(p).num_rows for p in (out / "_work" / "neardup" / "drops").iterdir())
     assert dropped == 1_000_000 - 1
 
+
+
+@pytest.mark.parametrize("parts", [1, 3, 7])
+def test_a_band_task_reads_only_its_slice_of_each_unit(tmp_path, parts):
+    """Linear cost: over the P tasks of a band, every hash is read once (the tasks' slices partition each unit's
+    band), and a task reads nothing else but one offsets slice per file; its hashes are exactly those whose slot
+    falls in its range."""
+    rng = np.random.default_rng(parts)
+    radius = 3
+    units = [[(int(h), _sha((u, k)), f"u{u}/{k}") for k, h in enumerate(rng.integers(0, 2**64 - 1, n, np.uint64))]
+             for u, n in enumerate([300, 0, 41, 257])]
+    units[3] += units[0][:5]  # hashes shared across units are read once per image, as before np.unique
+    ev = [[(int(h), _sha(("e", k)), f"e{k}") for k, h in enumerate(rng.integers(0, 2**64 - 1, 30, np.uint64))]]
+    out = str(tmp_path / "o")
+    layout = Layout(out)
+    _write_units(layout, units, radius=radius)
+    _write_units(layout, ev, exclude=True, radius=radius)
+    masks = hamming.band_masks(radius)
+    images = sum(len(rows) for rows in units) + len(ev[0])
+    files = len(units) + len(ev)
+    for k, mask in enumerate(masks):
+        read = 0
+        for p in range(parts):
+            record = neardup.band_task(out, k, p, parts, len(units), 1, radius, True)
+            lo, hi = neardup.slot_range(p, parts)
+            mine = [h for rows in units + ev for h, _, _ in rows
+                    if lo <= neardup.slot_of(np.array([h], np.uint64), mask)[0] < hi]
+            assert record["hashes_read"] == len(mine)
+            assert record["hashes"] + record["excluded_hashes"] == len(set(mine))
+            assert record["bytes_read"] == 8 * len(mine) + 8 * (hi - lo + 1) * files
+            read += record["hashes_read"]
+        assert read == images  # each hash read once per band
+    assert sum(neardup.slot_range(p, parts)[1] - neardup.slot_range(p, parts)[0] for p in range(parts)) == \
+        neardup.SLOTS
+
+
+def test_partitions_fit_the_memory_knob_and_the_slots():
+    assert neardup.partitions(1) == 1
+    assert neardup.partitions(3 * neardup.NEAR_TASK_HASHES) == 3
+    assert neardup.partitions(10**12) == neardup.SLOTS  # past SLOTS partitions a task holds more (band_memory)
+    parts = 7
+    sizes = {b - a for a, b in (neardup.slot_range(p, parts) for p in range(parts))}
+    assert max(sizes) - min(sizes) <= 1
+    assert neardup.band_memory(neardup.SLOTS * 1000, parts) >= 48 * 1000 * max(sizes)

@@ -2,8 +2,8 @@
 
 - `_work/encoded/NNNNNN.bin`: its ok images grouped by shuffle bucket (shuffle.py), with their body hash, stats
   and tokens;
-- `_work/encoded/NNNNNN.hashes.parquet`: position, pHash, body sha256 and id of its ok images, for the near-duplicate
-  phase (neardup.py);
+- `_work/encoded/NNNNNN.hashes.parquet`: position, pHash, body sha256 and id of its ok images, and (with --dedup near
+  or --exclude) `NNNNNN.bands.u64`: their pHashes grouped by band and slot, for the near-duplicate phase (neardup.py);
 - `stats/unit-NNNNNN.parquet`: its images that could not be used, and why;
 - then its done record (results.py): counts, the bucket offsets of its file, an example per failure reason.
 """
@@ -21,7 +21,7 @@ from pipeline import storage
 from pipeline.phash import phash_body
 from pipeline.preprocess.faults import maybe_fault
 from pipeline.preprocess.layout import Layout
-from pipeline.preprocess.neardup import hashes_bytes
+from pipeline.preprocess.neardup import write_hashes
 from pipeline.preprocess.results import retry_counts, write_record
 from pipeline.preprocess.shuffle import bucket_of, group_by_bucket, order_key, unit_record
 
@@ -116,7 +116,8 @@ def encode_unit_task(output: str, index: int, config: dict, fingerprint: str, bu
     flush()
     data, offsets = group_by_bucket(records, buckets)
     storage.write_bytes(layout.encoded(index), data)
-    storage.write_bytes(layout.unit_hashes(index), hashes_bytes(hashes))
+    # near_radius is in the config exactly when the near-duplicate phase runs (config.py)
+    write_hashes(layout.unit_hashes(index), layout.unit_bands(index), hashes, config.get("near_radius"))
     stats.write(layout.unit_stats(index), failed)
     done = {"unit": index, "images": images, "ok": len(records), "encoded_bytes": len(data),
             "counts": stats.Counts.of(failed).to_json(), "examples": examples, "bucket_offsets": offsets,

@@ -4,9 +4,9 @@ A small stage of its own, before the near-duplicate phase: the exclude inputs (a
 pipeline/sources.py) are planned into work units under `_work/exclude/units/`, and one task per unit canonicalizes
 each image exactly as the training images are (same size and quality; no --min-side / --max-aspect-ratio filter:
 an evaluation image is excluded whatever its shape) and writes `_work/exclude/hashes/NNNNNN.parquet` (the hashes
-file of neardup.py: position, pHash, body sha256, id), then its done record. The near-duplicate phase then marks
-every training image within --near-radius of one of them `excluded`: an exact copy has the same body, hence the
-same pHash (distance 0), so exact matches need nothing more.
+file of neardup.py: position, pHash, body sha256, id) and `NNNNNN.bands.u64` (its bands file), then its done
+record. The near-duplicate phase then marks every training image within --near-radius of one of them
+`excluded`: an exact copy has the same body, hence the same pHash (distance 0), so exact matches need nothing more.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipeline import storage
 from pipeline.phash import phash_body
 from pipeline.preprocess.config import PreprocessError, canonical_json
 from pipeline.preprocess.layout import Layout
-from pipeline.preprocess.neardup import hashes_bytes
+from pipeline.preprocess.neardup import write_hashes
 from pipeline.preprocess.results import retry_counts, write_record
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def exclude_unit_task(output: str, index: int, config: dict) -> dict:
             failed[e.reason] = failed.get(e.reason, 0) + 1
             continue
         rows.append((position, phash_body(body, c["quality"]), hashlib.sha256(body).digest(), src.id, 0))
-    storage.write_bytes(layout.exclude_hashes(index), hashes_bytes(rows))
+    write_hashes(layout.exclude_hashes(index), layout.exclude_bands(index), rows, config["near_radius"])
     record = {"unit": index, "images": images, "ok": len(rows), "failed": dict(sorted(failed.items())),
               "seconds": round(time.perf_counter() - start, 3), "retries": retry_counts()}
     write_record(layout.exclude_done, index, record)

@@ -8,7 +8,8 @@
     _work/encoded/done/...            unit done records and their consolidated chunks (results.py)
     _work/encoded/index/NNNNNN.u64    bucket offsets of the units of the chunk starting at unit N (bucket-major)
     _work/encoded/NNNNNN.hashes.parquet  unit N's ok images: position, pHash, body sha256, id (neardup.py)
-    _work/exclude/...                 the --exclude images: units/, hashes/NNNNNN.parquet, done/ (exclude.py)
+    _work/encoded/NNNNNN.bands.u64    unit N's pHashes grouped by (band, slot), with their offsets (neardup.py)
+    _work/exclude/...                 the --exclude images: units/, hashes/NNNNNN.parquet and .bands.u64, done/
     _work/neardup/plan.json           partitions per band (fixed on the first run)
     _work/neardup/pairs/KK-PPPPPP.*   band K, partition P: near pairs and matches of excluded hashes (.npy)
     _work/neardup/done/...            band task done records; groups.json: the group task's (written last)
@@ -66,11 +67,17 @@ class Layout:
     def unit_hashes(self, unit: int) -> str:
         return self.path("_work", "encoded", f"{unit:06d}.hashes.parquet")
 
+    def unit_bands(self, unit: int) -> str:
+        return self.path("_work", "encoded", f"{unit:06d}.bands.u64")
+
     def exclude_unit(self, i: int) -> str:
         return self.path("_work", "exclude", "units", f"{i:06d}.json")
 
     def exclude_hashes(self, i: int) -> str:
         return self.path("_work", "exclude", "hashes", f"{i:06d}.parquet")
+
+    def exclude_bands(self, i: int) -> str:
+        return self.path("_work", "exclude", "hashes", f"{i:06d}.bands.u64")
 
     def near_pairs(self, band: int, part: int) -> str:
         return self.path("_work", "neardup", "pairs", f"{band:02d}-{part:06d}.pairs.npy")

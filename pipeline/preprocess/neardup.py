@@ -2,14 +2,18 @@
 near`) or of an excluded image (`--exclude`), decided on the pHash of each canonical image (pipeline/phash.py).
 
 - The encode task writes, per unit, `_work/encoded/NNNNNN.hashes.parquet` (HASHES_SCHEMA: position, phash,
-  body_sha256, id of each ok image); the exclude stage (exclude.py) writes the same for the excluded images.
-- One band task per (band k of the R + 1 bands, partition p of P): it decodes only the phash column of every
-  unit's file (the file is read whole: ~60 bytes per image), keeps the hashes whose band-k value falls in partition p (a mix of the band value modulo P, so a task holds
-  about 1/P of the distinct hashes: P is fixed by NEAR_TASK_HASHES, the knob of its memory), and writes the pairs
-  within R that band k reports (pipeline/hamming.py: each pair by exactly one band), as hash values: near pairs
-  between images, matches against excluded images, and, on band 0, every hash that two images share (distance 0).
+  body_sha256, id of each ok image) and `NNNNNN.bands.u64` (bands_bytes: the unit's phashes once per band, each
+  band's grouped by slot, SLOTS = 1024 slots of the mixed band value, after a header of offsets); the exclude stage
+  (exclude.py) writes the same for the excluded images.
+- One band task per (band k of the R + 1 bands, partition p of P): partition p is a contiguous range of slots
+  (P, fixed by NEAR_TASK_HASHES, the knob of its memory, is only known after encode: slots let the encode task
+  group without it), so from each unit's bands file the task reads its offsets (one ranged read) and then exactly
+  its hashes (one more): every hash is read once per band, by the one task that needs it, and the bytes read by the
+  phase grow as (R + 1) x N, not (R + 1) x P x N. It writes the pairs within R that band k reports
+  (pipeline/hamming.py: each pair by exactly one band), as hash values: near pairs between images, matches against
+  excluded images, and, on band 0, every hash that two images share (distance 0).
 - One group task reads those pairs (their count is the near-duplicates found, not the images), takes connected
-  components over hash values, then reads the units' files once more to place every image of a component: the kept
+  components over hash values, then reads the units' hashes files once to place every image of a component: the kept
   image of a component is its smallest body sha256 (then the first in listing order), a pure function of the
   content, so the output is the same whatever the workers, partitions or order. Every other image of the component
   with another body is `near_duplicate` (duplicate_of = the kept image's id; copies with the kept image's body stay
@@ -38,13 +42,18 @@ from pipeline.stats import EXCLUDED, NEAR_DUPLICATE
 from pipeline.prefetch import ordered
 from pipeline.preprocess.faults import maybe_fault
 from pipeline.preprocess.layout import Layout
+from pipeline.preprocess.ranged import iter_ranges
 from pipeline.preprocess.results import retry_counts, write_record
 
 log = logging.getLogger(__name__)
 
 NEAR_TASK_HASHES = 8_000_000  # hashes a band task holds at most (~40 bytes each with its sort): P = N / this
-READ_WINDOW = 16  # hash files read ahead per task
+READ_WINDOW = 16  # hashes files the group task reads ahead
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads band values (zeros in low bits) over partitions
+SLOT_BITS = 10
+# Hash slots per band in a bands file. P is decided after encode (it needs the ok images), so the encode task
+# groups by slot and partition p takes a contiguous range of slots: P <= SLOTS, 8 billion images at 8M a task.
+SLOTS = 1 << SLOT_BITS
 
 HASHES_SCHEMA = pa.schema([pa.field("position", pa.uint32(), nullable=False),
                            pa.field("phash", pa.uint64(), nullable=False),
@@ -72,24 +81,72 @@ def hashes_bytes(rows: list[tuple[int, int, bytes, str, int]]) -> bytes:
     return buf.getvalue()
 
 
+def write_hashes(hashes_uri: str, bands_uri: str, rows: list[tuple[int, int, bytes, str, int]],
+                 radius: int | None) -> None:
+    """A unit's hashes file and, when the near-duplicate phase runs (a radius: config["near_radius"]), its bands
+    file."""
+    storage.write_bytes(hashes_uri, hashes_bytes(rows))
+    if radius is not None:
+        storage.write_bytes(bands_uri, bands_bytes(np.array([r[1] for r in rows], np.uint64), radius))
+
+
 def read_hashes(uris: list[str], columns: list[str]) -> Iterator[pa.Table]:
     """The tables of these hashes files (only `columns` decoded), in order, READ_WINDOW files read ahead."""
     return ordered(lambda u: pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=columns), uris,
                    window=min(READ_WINDOW, max(1, len(uris))))
 
 
-def partition_of(hashes: np.ndarray, mask: int, parts: int) -> np.ndarray:
+def slot_of(hashes: np.ndarray, mask: int) -> np.ndarray:
+    """The slot (0..SLOTS-1) of each hash's band value: the top bits of the mixed value (the best mixed ones)."""
     mixed = np.multiply(hamming.band_value(hashes, mask), _MIX)
-    return ((mixed >> np.uint64(32)) % np.uint64(parts)).astype(np.int64)
+    return (mixed >> np.uint64(64 - SLOT_BITS)).astype(np.int64)
+
+
+def slot_range(part: int, parts: int) -> tuple[int, int]:
+    """Partition `part`'s slots [lo, hi): contiguous, so one ranged read per bands file; sizes differ by <= 1."""
+    return -(-part * SLOTS // parts), -(-(part + 1) * SLOTS // parts)
 
 
 def partitions(images: int) -> int:
-    return max(1, math.ceil(images / NEAR_TASK_HASHES))
+    return min(SLOTS, max(1, math.ceil(images / NEAR_TASK_HASHES)))
 
 
 def band_memory(images: int, parts: int) -> int:
-    """A band task holds its partition's hashes (8 bytes, with duplicates until np.unique) and their sort (~4x)."""
-    return 48 * math.ceil(images / parts) + 2**26
+    """A band task holds its partition's hashes (8 bytes, with duplicates until np.unique) and their sort (~4x);
+    its largest partition has ceil(SLOTS / parts) slots."""
+    return 48 * math.ceil(images * math.ceil(SLOTS / parts) / SLOTS) + 2**26
+
+
+def bands_bytes(hashes: np.ndarray, radius: int) -> bytes:
+    """A unit's bands file: its pHashes once per band of `radius`, each band's sorted by slot (stable), after a
+    header of uint64 offsets (bands x SLOTS + 1, little-endian): header[k, s] = the byte where band k's slot s
+    starts, header[k, SLOTS] where band k ends. Band task (k, p) reads header[k, lo..hi] and then bytes
+    [header[k, lo], header[k, hi]): exactly its hashes, whatever P turns out to be."""
+    hashes = np.asarray(hashes, np.uint64)
+    masks = hamming.band_masks(radius)
+    header = np.zeros((len(masks), SLOTS + 1), "<u8")
+    body = []
+    for k, mask in enumerate(masks):
+        slots = slot_of(hashes, mask)
+        body.append(hashes[np.argsort(slots, kind="stable")].astype("<u8"))
+        header[k] = header.nbytes + 8 * (k * len(hashes) + np.r_[0, np.cumsum(np.bincount(slots, minlength=SLOTS))])
+    return header.tobytes() + b"".join(b.tobytes() for b in body)
+
+
+def read_slices(uris: list[str], band: int, part: int, parts: int) -> tuple[np.ndarray, int]:
+    """The hashes of partition `part` of band `band` in these bands files (with duplicates, in file order) and
+    the bytes read for them: per file one ranged read of the header's offsets, one of the slice."""
+    lo, hi = slot_range(part, parts)
+    row = band * (SLOTS + 1) * 8
+    bounds = [np.frombuffer(b, "<u8")[[0, -1]] for b in iter_ranges([(u, row + 8 * lo, row + 8 * (hi + 1))
+                                                                         for u in uris])]
+    sizes = [int(e - s) for s, e in bounds]
+    out = np.empty(sum(sizes) // 8, np.uint64)  # filled in place: the partition's hashes held once
+    at = 0
+    for data in iter_ranges([(u, int(s), int(e)) for u, (s, e) in zip(uris, bounds)]):
+        out[at : at + len(data) // 8] = np.frombuffer(data, "<u8")
+        at += len(data) // 8
+    return out, 8 * (hi - lo + 1) * len(uris) + sum(sizes)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -114,16 +171,13 @@ def band_task(output: str, band: int, part: int, parts: int, units: int, exclude
     start = time.perf_counter()
     masks = hamming.band_masks(radius)
 
-    def mine(uris):
-        kept = []
-        for table in read_hashes(uris, ["phash"]):
-            h = table.column("phash").to_numpy()
-            kept.append(h[partition_of(h, masks[band], parts) == part])
-        return np.concatenate(kept) if kept else np.zeros(0, np.uint64)
-
-    train = mine([layout.unit_hashes(u) for u in range(units)])
+    train, train_bytes = read_slices([layout.unit_bands(u) for u in range(units)], band, part, parts)
+    read = len(train)
     train, counts = np.unique(train, return_counts=True)
-    excluded = np.unique(mine([layout.exclude_hashes(u) for u in range(exclude_units)]))
+    excluded, excluded_bytes = read_slices([layout.exclude_bands(u) for u in range(exclude_units)], band, part,
+                                           parts)
+    read += len(excluded)
+    excluded = np.unique(excluded)
     combined = np.concatenate([train, excluded])
     i, j = hamming.near_pairs(combined, radius, masks, band)
     i_train, j_train = i < len(train), j < len(train)
@@ -144,6 +198,7 @@ def band_task(output: str, band: int, part: int, parts: int, units: int, exclude
     storage.write_bytes(layout.near_pairs(band, part), _npy(np.sort(pairs)))
     storage.write_bytes(layout.near_matches(band, part), _npy(np.sort(matches)))
     record = {"band": band, "part": part, "hashes": len(train), "excluded_hashes": len(excluded),
+              "hashes_read": read, "bytes_read": train_bytes + excluded_bytes,
               "pairs": len(pairs), "matches": len(matches), "seconds": round(time.perf_counter() - start, 3),
               "retries": retry_counts()}
     write_record(layout.near_done, band * parts + part, record)

@@ -7,6 +7,8 @@ a HEAD and reads ahead a whole block (5 MB) for a slice of a few KB.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 from pipeline import storage
 from pipeline.prefetch import ordered
 
@@ -23,6 +25,11 @@ def read_range(uri: str, start: int, end: int) -> bytes:
     return data
 
 
+def iter_ranges(ranges: list[tuple[str, int, int]], threads: int = READ_THREADS) -> Iterator[bytes]:
+    """read_range for each (uri, start, end), concurrently; yielded in the given order, at most `threads` held."""
+    return ordered(lambda r: read_range(*r), ranges, window=min(threads, len(ranges)))
+
+
 def read_ranges(ranges: list[tuple[str, int, int]], threads: int = READ_THREADS) -> list[bytes]:
     """read_range for each (uri, start, end), concurrently; results in the given order."""
-    return list(ordered(lambda r: read_range(*r), ranges, window=min(threads, len(ranges))))
+    return list(iter_ranges(ranges, threads))
