@@ -212,3 +212,16 @@ def test_jpeglm_sample_draws_whole_strict_images_by_default(tok, tmp_path, capsy
     assert main(["sample", "--checkpoint", ckpt, "--out", str(tmp_path / "short"), "--max-tokens", str(need // 2)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "at least" in err[0] and "Traceback" not in err[0]
+
+
+def test_training_grid_is_constrained_and_falls_back_when_the_context_is_too_short(tok, bodies, caplog):
+    from trainer.sample_grid import sample_grid
+
+    model = _model(seed=7)
+    codec_record = {"size": SIZE, "quality": codec.QUALITY}
+    grid = sample_grid(model, tok, codec_record, bodies[:2], 1, None, num_unconditional=2, max_len=700)
+    assert grid.ndim == 3 and "unconstrained" not in caplog.text
+    # 100 tokens cannot hold a whole 64x64 image (>= 155): the grid is drawn unconstrained, with a warning, and
+    # training goes on.
+    short = sample_grid(model, tok, codec_record, bodies[:2], 2, None, num_unconditional=2, max_len=100)
+    assert short.ndim == 3 and "sampling it unconstrained" in caplog.text

@@ -17,9 +17,13 @@ mode it found it in.
 
 from __future__ import annotations
 
+import logging
+
 import os
 
 import numpy as np
+
+log = logging.getLogger("jpeglm.train")
 
 
 def validation_bodies(data_uri: str, num: int, manifest: dict | None = None, tokenizer=None) -> list[bytes]:
@@ -90,12 +94,13 @@ def sample_grid(model, tokenizer, codec: dict, bodies: list[bytes], step: int, r
         except PromptRejected:
             return False
 
+    if constraint is not None and not fits([tokenizer.bos_id]):
+        # A context shorter than a whole image (e.g. the tiny preset at 256x256): the grid is still drawn, cut.
+        log.warning("sample grid: %d tokens cannot hold a whole %dx%d image; sampling it unconstrained (cut at the "
+                    "limit)", max_len, codec["size"], codec["size"])
+        constraint = None
     completions = [c for c in completions if fits(c[2])]  # a prompt the context cannot hold is left out
-    if not fits([tokenizer.bos_id]):
-        num_unconditional = 0
     prompts = [[tokenizer.bos_id]] * num_unconditional + [c[2] for c in completions]
-    if not prompts:
-        raise ValueError(f"max_len {max_len} holds no whole image")
 
     def broadcast(ids: torch.Tensor) -> torch.Tensor:
         dist.broadcast(ids, src=0)
