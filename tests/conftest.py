@@ -109,3 +109,16 @@ def two_node_ray(s3_endpoint, tmp_path_factory):
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = saved
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (sampling tests use it): small models gain nothing from a second thread, and
+    on a busy 2-core machine OpenMP barriers between two threads stalled decoding steps by up to 50x
+    (bench/bench_sample.py)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,16 +17,10 @@ from trainer.generate import (EOIDetector, JpegConstraint, PromptRejected, Sampl
                               generate, sampling_set)
 from trainer.model import ModelConfig, Transformer
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,9 @@ import torch
 from trainer.model import ModelConfig, Transformer
 from trainer.generate import EOIDetector, GenerationStats, SamplingParams, generate, next_tokens
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Small models gain nothing from a second thread, and on a busy 2-core machine OpenMP barriers between two
-    # threads stalled decoding steps by up to 50x (see bench/bench_sample.py).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 GREEDY = SamplingParams(temperature=0.0)
 
