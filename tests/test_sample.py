@@ -12,8 +12,6 @@ from trainer.generate import EOIDetector, GenerationStats, SamplingParams, gener
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
-
-
 GREEDY = SamplingParams(temperature=0.0)
 
 
