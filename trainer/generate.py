@@ -191,32 +191,23 @@ def _constrained_draw(logits_row: torch.Tensor, probs_row: torch.Tensor | None, 
                       first: int, state, constraint: JpegConstraint, budget: int, params: SamplingParams,
                       generator: torch.Generator | None) -> int:
     """A token from the row's sampling distribution renormalized over the allowed tokens, given that the first
-    draw `first` was rejected: mask it and redraw (exact rejection sampling); after a few rejections mask every
-    disallowed token of the set at once; when the top-k/top-p set holds no allowed token, draw from the allowed
-    tokens of the full (temperature-scaled) distribution."""
+    draw `first` was refused; when the top-k/top-p set holds no allowed token, from the allowed tokens of the full
+    (temperature-scaled) distribution."""
     if params.temperature == 0:  # greedy: the most likely allowed token
         for t in torch.argsort(logits_row, descending=True).tolist():
             if constraint.allows(state, t, budget):
                 return t
         raise RuntimeError("no token is allowed: the grammar reached a dead end (a bug)")
-    # In log space: renormalizing the few allowed tokens of a peaked distribution (low temperature) must not
-    # underflow (torch.multinomial silently returns index 0 for a distribution of denormals).
+    # The allowed tokens of the set, then one draw among them by their probabilities (the same as masking the
+    # refused draw and redrawing until a token is allowed, in one step). In log space: renormalizing the few allowed
+    # tokens of a peaked distribution (low temperature) must not underflow (torch.multinomial silently returns
+    # index 0 for a distribution of denormals).
     ids = ids_row.tolist()
-    logp = probs_row.log()  # -inf outside the top-k/top-p set
-    excluded = ids_row == first
-    for _ in range(4):
-        masked = logp.masked_fill(excluded, float("-inf"))
-        if not torch.isfinite(masked).any():
-            break
-        t = ids[int(torch.multinomial(masked.softmax(-1), 1, generator=generator))]
-        if constraint.allows(state, t, budget):
-            return t
-        excluded |= ids_row == t
-    else:
-        keep = torch.tensor([constraint.allows(state, t, budget) for t in ids], device=logp.device)
-        masked = logp.masked_fill(~keep, float("-inf"))
-        if torch.isfinite(masked).any():
-            return ids[int(torch.multinomial(masked.softmax(-1), 1, generator=generator))]
+    keep = [i for i, (t, p) in enumerate(zip(ids, probs_row.tolist()))
+            if p > 0 and t != first and constraint.allows(state, t, budget)]
+    if keep:
+        logp = probs_row.log().index_select(0, torch.tensor(keep, device=probs_row.device))
+        return ids[keep[int(torch.multinomial(logp.softmax(-1), 1, generator=generator))]]
     # The top-k/top-p set holds no allowed token: the allowed tokens of the full distribution.
     mask = constraint.allowed_mask(state, budget, logits_row.device)
     masked = (logits_row / params.temperature).masked_fill(~mask, float("-inf"))

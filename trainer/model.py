@@ -147,6 +147,16 @@ class Transformer(nn.Module):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
+    def _rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of every position up to max_seq_len, computed once per device (decoding one token at a time
+        would otherwise recompute them at every step). A plain attribute, not a buffer: no state_dict entry, nothing
+        for ZeRO-3 to partition."""
+        cached = self.__dict__.get("_rope_tables")
+        if cached is None or cached[0].device != device or len(cached[0]) != self.cfg.max_seq_len:
+            positions = torch.arange(self.cfg.max_seq_len, device=device)
+            cached = self.__dict__["_rope_tables"] = rope_cos_sin(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        return cached
+
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """tokens: (B, T) int64 -> logits (B, T, vocab) in fp32.
 
@@ -156,8 +166,8 @@ class Transformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + t} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        positions = torch.arange(start, start + t, device=tokens.device)
-        cos, sin = rope_cos_sin(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        cos, sin = self._rope(tokens.device)
+        cos, sin = cos[start : start + t], sin[start : start + t]
         h = self.tok_embeddings(tokens)
         every = self.cfg.activation_checkpointing
         for i, layer in enumerate(self.layers):
