@@ -315,7 +315,8 @@ def test_partitions_fit_the_memory_knob_and_the_slots():
     assert neardup.partitions(3 * neardup.NEAR_TASK_HASHES) == 3
     assert neardup.partitions(10**12) == neardup.SLOTS  # past SLOTS partitions a task holds more (band_memory)
     assert neardup.group_parts(1) == 1 and neardup.group_parts(3 * neardup.NEAR_GROUP_IMAGES) == 3
-    assert neardup.place_memory(50_000_000, neardup.group_parts(50_000_000)) < 2**31  # flat in N: the knob's share
+    for n in (10_000_000, 23_000_000, 50_000_000, 10**9):  # a place task's memory: the knob's, whatever N
+        assert neardup.place_memory(n, neardup.group_parts(n)) <= neardup.place_memory(neardup.NEAR_GROUP_IMAGES, 1)
     parts = 7
     sizes = {b - a for a, b in (neardup.slot_range(p, parts) for p in range(parts))}
     assert max(sizes) - min(sizes) <= 1

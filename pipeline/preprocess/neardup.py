@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 
 NEAR_TASK_HASHES = 8_000_000  # hashes a band task holds at most (~40 bytes each with its sort): P = N / this
 # Images a place task covers (its slice of the component ids, ~1 / P_g of the images): it holds at most those of
-# them in a group or excluded (~170 bytes each, place_memory), so P_g = N / this.
+# them in a group or excluded (~300 bytes each, place_memory: <= 2.8 GB if all were, ~0.5 GB at 20%), so
+# P_g = N / this; each place task reads every unit's hashes file, so the bytes read grow as P_g x N.
 NEAR_GROUP_IMAGES = 8_000_000
 READ_WINDOW = 16  # hashes files a place task reads ahead
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads band values (zeros in low bits) over partitions
@@ -287,10 +288,10 @@ def components_task(output: str, bands: int, parts: int, exclude_units: int, pla
 
 def place_memory(images: int, places: int) -> int:
     """A place task holds, for the images of its slice that are in a group or excluded, unit, position, bucket,
-    body sha256 and component with their concatenation and sort (~170 bytes each measured, bench_neardup.py), sized
-    for every image of its share being one, plus the READ_WINDOW hashes files read ahead (~170 MB at 100k images a
-    unit) and its slice of the components table."""
-    return 192 * math.ceil(images / places) + 2**28
+    body sha256 and component with their concatenation, sort and drops (~300 bytes each measured with the read-ahead
+    hashes files, bench_neardup.py), sized for every image of its share being one, plus its slice of the components
+    table and the process."""
+    return 320 * math.ceil(images / places) + 2**28
 
 
 def place_task(output: str, place: int, places: int, units: int) -> dict:
