@@ -13,15 +13,15 @@ near`) or of an excluded image (`--exclude`), decided on the pHash of each canon
   (pipeline/hamming.py: each pair by exactly one band), as hash values: near pairs between images, matches against
   excluded images, and, on band 0, every hash that two images share (distance 0).
 - One components task reads those pairs (their count is the near-duplicates found, not the images) and takes
-  connected components over the hash values that appear in them (union-find: pipeline/hamming.py), so its memory
-  grows with the paired hashes (~130 bytes per pair with the temporaries, components_memory), not with the images.
+  connected components over the hash values that appear in them (pipeline/hamming.py), so its memory grows with
+  the paired hashes (~52 bytes each measured; declared as 128 per pair, components_memory), not with the images.
   A component's id is its smallest hash, a pure function of the content. An image within R of an excluded image is
   `excluded` (excluded_by = the excluded image's id, the closest, then the smallest body sha256) and takes no part
   in groups: its hash is a component of its own. The task writes the (hash, component, excluded_by) table, sorted
   by hash, as P_g slices: slice p holds the components whose mixed id falls in slot range p (slot_of, slot_range).
 - P_g place tasks (P_g = N / NEAR_GROUP_IMAGES, the knob of their memory, place_memory): place task p reads its
-  slice and then the units' hashes files (position, phash, body_sha256, bucket columns only), holding only the
-  images whose hash is in its slice, and places each: the kept image of a component is its smallest body sha256
+  slice and then the units' hashes files (each whole, decoding position, phash, body_sha256, bucket), holding the
+  images whose hash is in its slice only, and places each: the kept image of a component is its smallest body sha256
   (then the first in listing order), so the output is the same whatever the workers, partitions or P_g. Every other
   image of the component with another body is `near_duplicate` (duplicate_of = the kept image's id; copies with
   the kept image's body stay exact `duplicate`s of it, found by the bucket as before). It writes
