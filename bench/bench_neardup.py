@@ -17,11 +17,11 @@
    and, to include the measured pairwise bit correlations, a beta-binomial with the measured mean and variance of
    the distance (the variance holds every pairwise covariance). P(distance <= R) x N(N-1)/2 = expected chance
    pairs at N images; the uniform-bits figure is shown for comparison.
-4. scale: the grouping stage (band tasks, then the group task, each run as the plain function in a fresh process)
-   on synthetic hashes with planted groups (10% of the images near-copies 1-4 bits from a base, 1% sharing one
-   hash: flat images), bits drawn with the measured per-bit probabilities; seconds, peak RSS and bytes read of
-   every band task, and the driver's (the process that runs the phase: it holds no per-image data).
-   NEAR_TASK_HASHES = --task-hashes.
+4. scale: the grouping stage (band tasks, the components task, then the place tasks, each run as the plain
+   function in a fresh process) on synthetic hashes with planted groups (10% of the images near-copies 1-4 bits from
+   a base, 1% sharing one hash: flat images), bits drawn with the measured per-bit probabilities; seconds, peak RSS
+   and bytes read of every task (the driver, the process that runs the phase, holds no per-image data).
+   NEAR_TASK_HASHES = --task-hashes, NEAR_GROUP_IMAGES = --group-images.
 5. real: `jpeglm preprocess --dedup near` on --real derived images (local Ray, 2 CPUs): the neardup phase's
    seconds and images/s next to the encode phase.
 """
@@ -222,8 +222,10 @@ args = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 if args["task"] == "band":
     record = neardup.band_task(args["out"], args["band"], args["part"], args["parts"], args["units"], 0, args["radius"], True)
+elif args["task"] == "components":
+    record = neardup.components_task(args["out"], args["bands"], args["parts"], 0, args["places"])
 else:
-    record = neardup.group_task(args["out"], args["bands"], args["parts"], args["units"], 0)
+    record = neardup.place_task(args["out"], args["place"], args["places"], args["units"])
 print(json.dumps({{"seconds": round(time.perf_counter() - t0, 2),
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   "record": {{k: v for k, v in record.items() if k != "retries"}}}}))
@@ -275,7 +277,7 @@ def _write_synthetic(out: str, n: int, per_unit: int, p_one: np.ndarray, seed: i
     return units, planted
 
 
-def simulate(n: int, radius: int, task_hashes: int, p_one: np.ndarray, workdir: str) -> dict:
+def simulate(n: int, radius: int, task_hashes: int, group_images: int, p_one: np.ndarray, workdir: str) -> dict:
     from pipeline.preprocess import neardup
 
     out = os.path.join(workdir, f"sim-{n}")
@@ -284,6 +286,7 @@ def simulate(n: int, radius: int, task_hashes: int, p_one: np.ndarray, workdir: 
     units, planted = _write_synthetic(out, n, 100_000, p_one, seed=n, radius=radius)
     write_s = time.perf_counter() - t0
     parts = max(1, math.ceil(n / task_hashes))
+    places = max(1, math.ceil(n / group_images))
     bands = len(hamming.band_masks(radius))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": repo}
@@ -297,9 +300,13 @@ def simulate(n: int, radius: int, task_hashes: int, p_one: np.ndarray, workdir: 
                                 text=True, env=env, check=True).stdout.strip())
     band_runs = [child({"task": "band", "out": out, "band": k, "part": p, "parts": parts, "units": units,
                         "radius": radius}) for k in range(bands) for p in range(parts)]
-    group = child({"task": "group", "out": out, "bands": bands, "parts": parts, "units": units})
+    comp = child({"task": "components", "out": out, "bands": bands, "parts": parts, "places": places})
+    place_runs = [child({"task": "place", "out": out, "place": p, "places": places, "units": units})
+                  for p in range(places)]
+    group = neardup.phase_record(comp["record"], [r["record"] for r in place_runs])
     shutil.rmtree(out, ignore_errors=True)
-    cpu_s = sum(r["seconds"] for r in band_runs) + group["seconds"]
+    place_s = sum(r["seconds"] for r in place_runs)
+    cpu_s = sum(r["seconds"] for r in band_runs) + comp["seconds"] + place_s
     return {"images": n, "units": units, "planted_copies": planted, "radius": radius, "partitions_per_band": parts,
             "band_tasks": len(band_runs), "write_inputs_s": round(write_s, 1),
             "band_task_s_max": max(r["seconds"] for r in band_runs), "band_tasks_s_total": round(
@@ -307,11 +314,17 @@ def simulate(n: int, radius: int, task_hashes: int, p_one: np.ndarray, workdir: 
             "band_task_peak_rss_mb_max": max(r["peak_rss_mb"] for r in band_runs),
             "band_task_mb_read_max": round(max(r["record"]["bytes_read"] for r in band_runs) / 1e6, 1),
             "band_tasks_mb_read_total": round(sum(r["record"]["bytes_read"] for r in band_runs) / 1e6, 1),
-            "group_task_s": group["seconds"], "group_task_peak_rss_mb": group["peak_rss_mb"],
+            "components_task_s": comp["seconds"], "components_task_peak_rss_mb": comp["peak_rss_mb"],
+            "paired_hashes": comp["record"]["paired_hashes"], "place_tasks": places,
+            "place_task_s_max": max(r["seconds"] for r in place_runs), "place_tasks_s_total": round(place_s, 1),
+            "place_task_peak_rss_mb_max": max(r["peak_rss_mb"] for r in place_runs),
+            "place_task_images_held_max": max(r["record"]["images_held"] for r in place_runs),
+            "place_task_mb_read_max": round(max(r["record"]["bytes_read"] for r in place_runs) / 1e6, 1),
+            "place_tasks_mb_read_total": round(sum(r["record"]["bytes_read"] for r in place_runs) / 1e6, 1),
             "task_process_base_rss_mb": base, "pairs": sum(r["record"]["pairs"] for r in band_runs),
-            "groups": group["record"]["groups"], "near_duplicate": group["record"]["near_duplicate"],
-            "largest_group": (group["record"]["largest_groups"] or [0])[0],
-            "seconds_on_2_cores": round(sum(r["seconds"] for r in band_runs) / 2 + group["seconds"], 1),
+            "groups": group["groups"], "near_duplicate": group["near_duplicate"],
+            "largest_group": (group["largest_groups"] or [0])[0],
+            "seconds_on_2_cores": round(sum(r["seconds"] for r in band_runs) / 2 + comp["seconds"] + place_s / 2, 1),
             "task_cpu_s_per_million_images": round(cpu_s / (n / 1e6), 1)}
 
 
@@ -342,6 +355,8 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--sim", type=int, nargs="*", default=[1_000_000, 2_000_000, 5_000_000])
     ap.add_argument("--task-hashes", type=int, default=2_000_000)
+    ap.add_argument("--group-images", type=int, default=None,
+                    help="images per place task (NEAR_GROUP_IMAGES; default: the module's)")
     ap.add_argument("--radius", type=int, default=None, help="radius of the simulation (default: the chosen R)")
     ap.add_argument("--real", type=int, default=2000)
     args = ap.parse_args()
@@ -356,10 +371,13 @@ def main() -> int:
     result["chance"], p_one = chance_pairs()
     print(f"calibration: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     radius = args.radius if args.radius is not None else DEFAULTS["near_radius"]
+    if args.group_images is None:
+        from pipeline.preprocess.neardup import NEAR_GROUP_IMAGES
+        args.group_images = NEAR_GROUP_IMAGES
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as workdir:
         result["simulation"] = []
         for n in args.sim:
-            result["simulation"].append(simulate(n, radius, args.task_hashes, p_one, workdir))
+            result["simulation"].append(simulate(n, radius, args.task_hashes, args.group_images, p_one, workdir))
             print(json.dumps(result["simulation"][-1]), file=sys.stderr)
         if args.real:
             result["real"] = real_run(args.real, workdir)

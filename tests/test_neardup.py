@@ -122,11 +122,18 @@ def _write_units(layout: Layout, units: list[list[tuple[int, bytes, str]]], excl
                               for p, (h, sha, image_id) in enumerate(rows)], radius)
 
 
-def _run_tasks(out: str, units: int, radius: int, parts: int, exclude_units: int = 0, near: bool = True) -> dict:
+def _run_tasks(out: str, units: int, radius: int, parts: int, exclude_units: int = 0, near: bool = True,
+               places: int = 1, records: list | None = None) -> dict:
+    """The phase's tasks in order, as near_phase runs them; the place tasks' records appended to `records`."""
     bands = len(hamming.band_masks(radius))
+    neardup.near_plan(Layout(out), 0, parts, places)
     for i in range(bands * parts):
         neardup.band_task(out, i // parts, i % parts, parts, units, exclude_units, radius, near)
-    return neardup.group_task(out, bands, parts, units, exclude_units)
+    components = neardup.components_task(out, bands, parts, exclude_units, places)
+    placed = [neardup.place_task(out, p, places, units) for p in range(places)]
+    if records is not None:
+        records += placed
+    return neardup.phase_record(components, placed)
 
 
 def _drops(out: str, buckets: int) -> dict:
@@ -158,7 +165,7 @@ def test_groups_keep_the_smallest_body_and_do_not_depend_on_partitions(tmp_path)
     for parts in (1, 3):
         out = str(tmp_path / f"p{parts}")
         _write_units(Layout(out), [shuffled[:150], shuffled[150:300], shuffled[300:]])
-        record = _run_tasks(out, 3, radius=4, parts=parts)
+        record = _run_tasks(out, 3, radius=4, parts=parts, places=parts)
         results.append((record["groups"], record["near_duplicate"], _drops(out, 3)))
     assert results[0] == results[1]
     groups, near, drops = results[0]
@@ -173,6 +180,42 @@ def test_groups_keep_the_smallest_body_and_do_not_depend_on_partitions(tmp_path)
         sha = next(s for _, s, i in images if i == image_id)
         assert bucket == bucket_of(order_key(sha, 0), 3)
     assert groups == 1 and near == len(dropped_ids)
+
+
+def test_place_tasks_give_the_same_drops_as_one_and_each_holds_only_its_slice(tmp_path):
+    """The group stage split into P_g place tasks: the same drops and counts as one task, each component (and
+    excluded hash) in exactly one slice, and a place task holds only the images of its slice's components."""
+    rng = np.random.default_rng(11)
+    base = rng.integers(0, 2**64 - 1, 600, dtype=np.uint64).tolist()
+    images = [(h, _sha(k), f"img{k}") for k, h in enumerate(base)]
+    for k in range(0, 120, 2):  # 60 groups of 2-4 images: near-copies, one exact copy of the body
+        images += [(base[k] ^ (1 << int(b)), _sha(("near", k, b)), f"near{k}-{b}") for b in range(k % 3 + 1)]
+        images.append((base[k], _sha(k), f"copy{k}"))
+    ev = [(base[k] ^ 0b101, _sha(("e", k)), f"eval/{k}") for k in range(200, 230, 3)]
+    shuffled = [images[i] for i in rng.permutation(len(images))]
+    units = [shuffled[i : i + 200] for i in range(0, len(shuffled), 200)]
+    places = 5
+    runs = {}
+    for n in (1, places):
+        out = str(tmp_path / f"g{n}")
+        _write_units(Layout(out), units)
+        _write_units(Layout(out), [ev], exclude=True)
+        records: list[dict] = []
+        runs[n] = (_run_tasks(out, len(units), radius=4, parts=2, exclude_units=1, places=n, records=records),
+                   _drops(out, 3), records, out)
+    one, many = runs[1], runs[places]
+    assert one[0] == many[0] and one[1] == many[1]
+    assert one[0]["groups"] == 60 and one[0]["excluded"] == 10
+    held = []
+    for p, record in enumerate(many[2]):
+        t = pq.read_table(Layout(many[3]).near_components(p))
+        lo, hi = neardup.slot_range(p, places)
+        slots = neardup.slot_of(t.column("component").to_numpy(), hamming.FULL_MASK)
+        assert ((slots >= lo) & (slots < hi)).all()  # only its slice of the component ids
+        mine = set(t.column("hash").to_pylist())
+        assert record["images_held"] == sum(h in mine for h, _, _ in images)  # only its slice's images
+        held.append(record["images_held"])
+    assert sum(held) == one[2][0]["images_held"] and sum(h > 0 for h in held) >= 3
 
 
 def test_excluded_images_match_within_radius_and_leave_the_groups(tmp_path):
@@ -276,6 +319,9 @@ def test_partitions_fit_the_memory_knob_and_the_slots():
     assert neardup.partitions(1) == 1
     assert neardup.partitions(3 * neardup.NEAR_TASK_HASHES) == 3
     assert neardup.partitions(10**12) == neardup.SLOTS  # past SLOTS partitions a task holds more (band_memory)
+    assert neardup.group_parts(1) == 1 and neardup.group_parts(3 * neardup.NEAR_GROUP_IMAGES) == 3
+    for n in (10_000_000, 23_000_000, 50_000_000, 10**9):  # a place task's memory: the knob's, whatever N
+        assert neardup.place_memory(n, neardup.group_parts(n)) <= neardup.place_memory(neardup.NEAR_GROUP_IMAGES, 1)
     parts = 7
     sizes = {b - a for a, b in (neardup.slot_range(p, parts) for p in range(parts))}
     assert max(sizes) - min(sizes) <= 1

@@ -135,13 +135,14 @@ def test_another_work_split_gives_the_same_shards_and_bucket_stats(curated, cura
 def test_a_killed_driver_resumes_to_identical_bytes(curated, curation_inputs, tmp_path):
     inputs, exclude = curation_inputs
     out = tmp_path / "out"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", FAULT_ENV: "near:2:exit,groups:0:hang"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", FAULT_ENV: "near:2:exit,groups:0:exit,place:0:hang"}
     proc = subprocess.Popen([sys.executable, "-m", "jpeglm", "preprocess", "--input", inputs, "--exclude", exclude,
                              "--output", str(out), *ARGS], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_for(lambda: (out / "_work/faults/groups-0").exists(), "the group task", proc, timeout=300)
+    _wait_for(lambda: (out / "_work/faults/place-0").exists(), "the place task", proc, timeout=300)
     _kill(proc)
     assert (out / "_work/faults/near-2").exists()  # a band task died once and was retried
+    assert (out / "_work/faults/groups-0").exists()  # so did the components task
     assert not (out / "_work/neardup/groups.json").exists()
     _run(inputs, exclude, str(out))
     _assert_same(_data_files(curated), _data_files(str(out)))

@@ -11,8 +11,8 @@ from pipeline.preprocess.layout import Layout
 # Off unless set: "PHASE:INDEX:ACTION[,...]" makes the first attempt of that task exit the worker process
 # (ACTION "exit"), hang (ACTION "hang") or pause SLOW_S seconds and go on (ACTION "slow": long enough to kill its
 # node), to prove retries and resume. PHASE:INDEX is bpe:N, encode:N (unit N), near:N (near-duplicate band task N),
-# groups:0 (the group task), bucket:N (shuffle bucket N) or shard:NAME (e.g. shard:train-000001, which dies halfway
-# through writing that tar).
+# groups:0 (the components task), place:N (near-duplicate place task N), bucket:N (shuffle bucket N) or shard:NAME
+# (e.g. shard:train-000001, which dies halfway through writing that tar).
 FAULT_ENV = "JPEGLM_PREPROCESS_FAULT"
 SLOW_S = 20.0
 

@@ -10,10 +10,13 @@
     _work/encoded/NNNNNN.hashes.parquet  unit N's ok images: position, pHash, body sha256, id (neardup.py)
     _work/encoded/NNNNNN.bands.u64    unit N's pHashes grouped by (band, slot), with their offsets (neardup.py)
     _work/exclude/...                 the --exclude images: units/, hashes/NNNNNN.parquet and .bands.u64, done/
-    _work/neardup/plan.json           partitions per band (fixed on the first run)
+    _work/neardup/plan.json           partitions per band and place tasks (fixed on the first run)
     _work/neardup/pairs/KK-PPPPPP.*   band K, partition P: near pairs and matches of excluded hashes (.npy)
-    _work/neardup/done/...            band task done records; groups.json: the group task's (written last)
-    _work/neardup/drops/BBBBBB.parquet  bucket B's near_duplicate and excluded images
+    _work/neardup/done/...            band task done records
+    _work/neardup/components/PPPPPP.parquet  slice P of the components: hash, component, excluded_by
+    _work/neardup/components.json     the components task's done record
+    _work/neardup/place/...           place task done records; groups.json: the phase's (written last)
+    _work/neardup/drops/BBBBBB-PPPPPP.parquet  bucket B's near_duplicate and excluded images of slice P
     _work/buckets/NNNNNN.SPLIT.u16    bucket N's token stream of one split (BOS + tokens + EOS per image)
     _work/buckets/done/...            bucket done records and chunks
     _work/shards/done/...             shard done records (manifest entries) and chunks
@@ -52,6 +55,8 @@ class Layout:
     near_plan = property(lambda self: self.path("_work", "neardup", "plan.json"))
     near_done = property(lambda self: self.path("_work", "neardup", "done"))
     near_groups_done = property(lambda self: self.path("_work", "neardup", "groups.json"))
+    near_components_done = property(lambda self: self.path("_work", "neardup", "components.json"))
+    near_place_done = property(lambda self: self.path("_work", "neardup", "place"))
     exclude_plan = property(lambda self: self.path("_work", "exclude", "plan.json"))
     exclude_done = property(lambda self: self.path("_work", "exclude", "done"))
 
@@ -85,8 +90,11 @@ class Layout:
     def near_matches(self, band: int, part: int) -> str:
         return self.path("_work", "neardup", "pairs", f"{band:02d}-{part:06d}.matches.npy")
 
-    def near_drops(self, bucket: int) -> str:
-        return self.path("_work", "neardup", "drops", f"{bucket:06d}.parquet")
+    def near_components(self, place: int) -> str:
+        return self.path("_work", "neardup", "components", f"{place:06d}.parquet")
+
+    def near_drops(self, bucket: int, place: int) -> str:
+        return self.path("_work", "neardup", "drops", f"{bucket:06d}-{place:06d}.parquet")
 
     def bucket_index(self, first_unit: int) -> str:
         return self.path("_work", "encoded", "index", f"{first_unit:06d}.u64")

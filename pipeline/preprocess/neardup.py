@@ -12,15 +12,26 @@ near`) or of an excluded image (`--exclude`), decided on the pHash of each canon
   phase grow as (R + 1) x N, not (R + 1) x P x N. It writes the pairs within R that band k reports
   (pipeline/hamming.py: each pair by exactly one band), as hash values: near pairs between images, matches against
   excluded images, and, on band 0, every hash that two images share (distance 0).
-- One group task reads those pairs (their count is the near-duplicates found, not the images), takes connected
-  components over hash values, then reads the units' hashes files once to place every image of a component: the kept
-  image of a component is its smallest body sha256 (then the first in listing order), a pure function of the
-  content, so the output is the same whatever the workers, partitions or order. Every other image of the component
-  with another body is `near_duplicate` (duplicate_of = the kept image's id; copies with the kept image's body stay
-  exact `duplicate`s of it, found by the bucket as before); an image within R of an excluded image is `excluded`
-  (excluded_by = the excluded image's id, the closest, then the smallest body sha256) and takes no part in groups.
-  It writes `_work/neardup/drops/BBBBBB.parquet` per shuffle bucket that has such images, then its done record.
-- The bucket task (shuffle.py) gives those images their status instead of packing them.
+- One components task reads those pairs (their count is the near-duplicates found, not the images) and takes
+  connected components over the hash values that appear in them (pipeline/hamming.py), so its memory grows with
+  the paired hashes (~52 bytes each measured; declared as 128 per pair, components_memory), not with the images.
+  A component's id is its smallest hash, a pure function of the content. An image within R of an excluded image is
+  `excluded` (excluded_by = the excluded image's id, the closest, then the smallest body sha256) and takes no part
+  in groups: its hash is a component of its own. The task writes the (hash, component, excluded_by) table, sorted
+  by hash, as P_g slices: slice p holds the components whose mixed id falls in slot range p (slot_of, slot_range).
+- P_g place tasks (P_g = N / NEAR_GROUP_IMAGES, the knob of their memory, place_memory): place task p reads its
+  slice and then the units' hashes files (each whole, decoding position, phash, body_sha256, bucket), holding the
+  images whose hash is in its slice only, and places each: the kept image of a component is its smallest body sha256
+  (then the first in listing order), so the output is the same whatever the workers, partitions or P_g. Every other
+  image of the component with another body is `near_duplicate` (duplicate_of = the kept image's id; copies with
+  the kept image's body stay exact `duplicate`s of it, found by the bucket as before). It writes
+  `_work/neardup/drops/BBBBBB-PPPPPP.parquet` per shuffle bucket that has such images of its slice, then its done
+  record; the driver sums the place records into groups.json, the phase's done record. Each place task reads every
+  unit's hashes file (P_g x N reads of ~48 bytes per image): a place task holds ~1 / P_g of the images in groups,
+  but a single component is never split (a component larger than a slice, e.g. millions of flat images of one
+  hash, is held by one task).
+- The bucket task (shuffle.py) reads its drops files of every slice (load_drops) and gives those images their
+  status instead of packing them.
 Every task's outputs precede its done record (results.py): a killed job resumes where it stopped, with the same bytes.
 """
 
@@ -48,7 +59,11 @@ from pipeline.preprocess.results import retry_counts, write_record
 log = logging.getLogger(__name__)
 
 NEAR_TASK_HASHES = 8_000_000  # hashes a band task holds at most (~40 bytes each with its sort): P = N / this
-READ_WINDOW = 16  # hashes files the group task reads ahead
+# Images a place task covers (its slice of the component ids, ~1 / P_g of the images): it holds at most those of
+# them in a group or excluded (~300 bytes each, place_memory: <= 2.8 GB if all were, ~0.5 GB at 20%), so
+# P_g = N / this; each place task reads every unit's hashes file, so the bytes read grow as P_g x N.
+NEAR_GROUP_IMAGES = 8_000_000
+READ_WINDOW = 16  # hashes files a place task reads ahead
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads band values (zeros in low bits) over partitions
 SLOT_BITS = 10
 # Hash slots per band in a bands file. P is decided after encode (it needs the ok images), so the encode task
@@ -90,10 +105,14 @@ def write_hashes(hashes_uri: str, bands_uri: str, rows: list[tuple[int, int, byt
         storage.write_bytes(bands_uri, bands_bytes(np.array([r[1] for r in rows], np.uint64), radius))
 
 
-def read_hashes(uris: list[str], columns: list[str]) -> Iterator[pa.Table]:
-    """The tables of these hashes files (only `columns` decoded), in order, READ_WINDOW files read ahead."""
-    return ordered(lambda u: pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=columns), uris,
-                   window=min(READ_WINDOW, max(1, len(uris))))
+def read_hashes(uris: list[str], columns: list[str]) -> Iterator[tuple[pa.Table, int]]:
+    """(table, bytes read) of these hashes files (each read whole, only `columns` decoded), in order, READ_WINDOW
+    files read ahead."""
+    def read(uri: str) -> tuple[pa.Table, int]:
+        data = storage.read_bytes(uri)
+        return pq.read_table(io.BytesIO(data), columns=columns), len(data)
+
+    return ordered(read, uris, window=min(READ_WINDOW, max(1, len(uris))))
 
 
 def slot_of(hashes: np.ndarray, mask: int) -> np.ndarray:
@@ -205,17 +224,27 @@ def band_task(output: str, band: int, part: int, parts: int, units: int, exclude
     return record
 
 
-# -- group task -------------------------------------------------------------------------------------------------
+# -- components task --------------------------------------------------------------------------------------------
+
+COMPONENTS_SCHEMA = pa.schema([pa.field("hash", pa.uint64(), nullable=False),
+                               pa.field("component", pa.uint64(), nullable=False),  # smallest hash of it
+                               pa.field("excluded_by", pa.string(), nullable=False)])  # "" unless excluded
 
 
-def group_memory(images: int) -> int:
-    """The group task holds the pairs and, for the images in groups, component, unit, position and body sha256
-    (~56 bytes each); sized for every image being in a group."""
-    return 64 * images + 2**27
+def group_parts(images: int) -> int:
+    """Place tasks: sized as if every image were in a group, the worst case (the count in groups is not known
+    before the components)."""
+    return min(SLOTS, max(1, math.ceil(images / NEAR_GROUP_IMAGES)))
 
 
-def group_task(output: str, bands: int, parts: int, units: int, exclude_units: int) -> dict:
-    """Components, kept images, `near_duplicate` / `excluded` decisions per bucket; see the module docstring."""
+def components_memory(pairs: int) -> int:
+    """The components task holds the pairs and matches (16-17 bytes each), their nodes and labels (~100 bytes per
+    pair with np.unique's and the propagation's temporaries)."""
+    return 128 * pairs + 2**27
+
+
+def components_task(output: str, bands: int, parts: int, exclude_units: int, places: int) -> dict:
+    """Connected components over the paired hash values and the excluded hashes; see the module docstring."""
     layout = Layout(output)
     maybe_fault(layout, "groups", 0)
     retry_counts()
@@ -224,55 +253,108 @@ def group_task(output: str, bands: int, parts: int, units: int, exclude_units: i
     pairs = np.concatenate([_load_npy(layout.near_pairs(k, p)) for k, p in tasks])
     matches = np.concatenate([_load_npy(layout.near_matches(k, p)) for k, p in tasks])
     excluded_by = _excluded_by(layout, matches, exclude_units)  # train hash -> excluded image id
+    del matches
     excluded_hashes = np.array(sorted(excluded_by), dtype=np.uint64)
-    if len(excluded_hashes):
+    if len(excluded_hashes):  # an excluded image takes no part in groups
         pairs = pairs[~(np.isin(pairs["a"], excluded_hashes) | np.isin(pairs["b"], excluded_hashes))]
     nodes, inverse = np.unique(np.concatenate([pairs["a"], pairs["b"]]), return_inverse=True)
-    label = hamming.components(len(nodes), inverse[: len(pairs)], inverse[len(pairs) :])
+    n_pairs = len(pairs)
+    label = hamming.components(len(nodes), inverse[:n_pairs], inverse[n_pairs:])
     del pairs, inverse
+    # nodes are sorted, a label is the smallest node index: nodes[label] is the smallest hash, a pure function of
+    # the component's content. Excluded hashes are their own component (their slice is that of their own hash).
+    hashes = np.concatenate([nodes, excluded_hashes])
+    component = np.concatenate([nodes[label], excluded_hashes])
+    by = np.array([""] * len(nodes) + [excluded_by[h] for h in excluded_hashes.tolist()], dtype=object)
+    del label
+    slot = slot_of(component, hamming.FULL_MASK)
+    for place in range(places):
+        lo, hi = slot_range(place, places)
+        rows = np.flatnonzero((slot >= lo) & (slot < hi))
+        rows = rows[np.argsort(hashes[rows], kind="stable")]
+        table = pa.Table.from_arrays([pa.array(hashes[rows]), pa.array(component[rows]),
+                                      pa.array(by[rows].tolist(), pa.string())], schema=COMPONENTS_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        storage.write_bytes(layout.near_components(place), buf.getvalue())
+    record = {"pairs": n_pairs, "paired_hashes": len(nodes), "excluded_hashes": len(excluded_hashes),
+              "seconds": round(time.perf_counter() - start, 3), "retries": retry_counts()}
+    storage.write_bytes(layout.near_components_done, json.dumps(record, sort_keys=True).encode())
+    return record
 
-    # Every image of a component or excluded: one pass over the units' hashes files.
+
+# -- place tasks ------------------------------------------------------------------------------------------------
+
+
+def place_memory(images: int, places: int) -> int:
+    """A place task holds, for the images of its slice that are in a group or excluded, unit, position, bucket,
+    body sha256 and component with their concatenation, sort and drops (~300 bytes each measured with the read-ahead
+    hashes files, bench_neardup.py), sized for every image of its share being one, plus its slice of the components
+    table and the process."""
+    return 320 * math.ceil(images / places) + 2**28
+
+
+def place_task(output: str, place: int, places: int, units: int) -> dict:
+    """Kept images and the `near_duplicate` / `excluded` images of the components of slice `place`; see the
+    module docstring."""
+    layout = Layout(output)
+    maybe_fault(layout, "place", place)
+    retry_counts()
+    start = time.perf_counter()
+    table = pq.read_table(io.BytesIO(storage.read_bytes(layout.near_components(place))))
+    hashes = table.column("hash").to_numpy()  # sorted
+    component = table.column("component").to_numpy()
+    by = np.array(table.column("excluded_by").to_pylist(), dtype=object)
+    del table
+    is_excluded = by != ""
+    excluded_ids = sorted(set(by[is_excluded].tolist()))
+    of_ids: list[str] = list(excluded_ids)  # excluded images' ids, then the kept images' ids
+    of_index = {x: i for i, x in enumerate(excluded_ids)}
+    excluded_of = np.array([of_index.get(x, -1) for x in by.tolist()], np.int64)  # of each hash, -1: grouped
+    del by
+
     members = {k: [] for k in ("label", "unit", "position", "sha", "bucket")}
     out = {k: [] for k in ("unit", "position", "bucket", "of")}  # dropped images; `of` indexes of_ids
-    of_ids: list[str] = []  # excluded images' ids, then the kept images' ids
-    excluded_ids = sorted(set(excluded_by.values()))
-    of_ids += excluded_ids
-    of_index = {x: i for i, x in enumerate(excluded_ids)}
     uris = [layout.unit_hashes(u) for u in range(units)]
-    for unit, table in enumerate(read_hashes(uris, ["position", "phash", "body_sha256", "bucket"])):
-        h = table.column("phash").to_numpy()
-        pos = table.column("position").to_numpy().astype(np.int64)
-        bucket = table.column("bucket").to_numpy().astype(np.int64)
-        sha = _sha_array(table)
-        if len(excluded_hashes):
-            x = np.flatnonzero(np.isin(h, excluded_hashes))
-            out["unit"].append(np.full(len(x), unit, np.int64))
-            out["position"].append(pos[x])
-            out["bucket"].append(bucket[x])
-            out["of"].append(np.array([of_index[excluded_by[int(v)]] for v in h[x]], np.int64))
-        at = np.minimum(np.searchsorted(nodes, h), max(0, len(nodes) - 1))
-        found = nodes[at] == h if len(nodes) else np.zeros(len(h), bool)
-        members["label"].append(label[at[found]])
-        members["unit"].append(np.full(int(found.sum()), unit, np.int64))
-        members["position"].append(pos[found])
-        members["sha"].append(sha[found])
-        members["bucket"].append(bucket[found])
+    read = 0
+    for unit, (t, size) in enumerate(read_hashes(uris, ["position", "phash", "body_sha256", "bucket"])):
+        read += size
+        h = t.column("phash").to_numpy()
+        at = np.minimum(np.searchsorted(hashes, h), max(0, len(hashes) - 1))
+        found = np.flatnonzero(hashes[at] == h) if len(hashes) else np.zeros(0, np.int64)
+        if not len(found):
+            continue
+        at = at[found]
+        pos = t.column("position").to_numpy()[found].astype(np.int64)
+        bucket = t.column("bucket").to_numpy()[found].astype(np.int64)
+        x = is_excluded[at]
+        out["unit"].append(np.full(int(x.sum()), unit, np.int64))
+        out["position"].append(pos[x])
+        out["bucket"].append(bucket[x])
+        out["of"].append(excluded_of[at[x]])
+        g = ~x
+        members["label"].append(component[at[g]])
+        members["unit"].append(np.full(int(g.sum()), unit, np.int64))
+        members["position"].append(pos[g])
+        members["sha"].append(_sha_array(t)[found][g])
+        members["bucket"].append(bucket[g])
+    del hashes, component, is_excluded, excluded_of
     excluded = sum(len(x) for x in out["unit"])
     m = {k: np.concatenate(v) for k, v in members.items()} if members["label"] else {}
     del members
+    held = excluded + (len(m["label"]) if m else 0)
     groups, near, largest = 0, 0, []
     if m and len(m["label"]):
         # kept = smallest (sha, unit, position) of each component: lexsort's last key is the primary one
         order = np.lexsort((m["position"], m["unit"], m["sha"], m["label"]))
         lab, sha_sorted = m["label"][order], m["sha"][order]
         first = np.r_[True, lab[1:] != lab[:-1]]
-        component = np.cumsum(first) - 1  # of each sorted member
+        comp = np.cumsum(first) - 1  # of each sorted member
         kept = order[first]
-        other = sha_sorted != sha_sorted[np.flatnonzero(first)[component]]  # not a copy of the kept body
-        near_components = np.unique(component[other])
-        sizes = np.bincount(component)[near_components]
-        groups, near, largest = len(near_components), int(other.sum()), sorted(sizes.tolist(), reverse=True)[:10]
-        used = np.unique(component[other])  # only the kept images that something duplicates need an id
+        other = sha_sorted != sha_sorted[np.flatnonzero(first)[comp]]  # not a copy of the kept body
+        used = np.unique(comp[other])  # only the kept images that something duplicates need an id
+        sizes = np.bincount(comp)[used]
+        groups, near, largest = len(used), int(other.sum()), sorted(sizes.tolist(), reverse=True)[:10]
         kept_ids = _ids(layout, m["unit"][kept[used]], m["position"][kept[used]])
         slot = np.full(len(kept), -1, np.int64)
         slot[used] = np.arange(len(used)) + len(of_ids)
@@ -281,19 +363,19 @@ def group_task(output: str, bands: int, parts: int, units: int, exclude_units: i
         out["unit"].append(m["unit"][o])
         out["position"].append(m["position"][o])
         out["bucket"].append(m["bucket"][o])
-        out["of"].append(slot[component[other]])
+        out["of"].append(slot[comp[other]])
     del m
-    _write_drops(layout, out, excluded, of_ids)
-    record = {"groups": groups, "near_duplicate": near, "excluded": excluded, "largest_groups": largest,
-              "excluded_hashes": len(excluded_hashes), "seconds": round(time.perf_counter() - start, 3),
-              "retries": retry_counts()}
-    storage.write_bytes(layout.near_groups_done, json.dumps(record, sort_keys=True).encode())
+    _write_drops(layout, place, out, excluded, of_ids)
+    record = {"place": place, "groups": groups, "near_duplicate": near, "excluded": excluded,
+              "largest_groups": largest, "images_held": held, "bytes_read": read,
+              "seconds": round(time.perf_counter() - start, 3), "retries": retry_counts()}
+    write_record(layout.near_place_done, place, record)
     return record
 
 
-def _write_drops(layout: Layout, out: dict, excluded: int, of_ids: list[str]) -> None:
-    """One drops file per bucket that has dropped images (the first `excluded` rows are excluded images), rows in
-    (unit, position) order."""
+def _write_drops(layout: Layout, place: int, out: dict, excluded: int, of_ids: list[str]) -> None:
+    """One drops file per bucket that has dropped images of this slice (the first `excluded` rows are excluded
+    images), rows in (unit, position) order."""
     if not out["unit"]:
         return
     d = {k: np.concatenate(v) for k, v in out.items()}
@@ -309,7 +391,7 @@ def _write_drops(layout: Layout, out: dict, excluded: int, of_ids: list[str]) ->
                                      schema=DROPS_SCHEMA)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        storage.write_bytes(layout.near_drops(int(bucket[order[s]])), buf.getvalue())
+        storage.write_bytes(layout.near_drops(int(bucket[order[s]]), place), buf.getvalue())
 
 
 def _sha_array(table: pa.Table) -> np.ndarray:
@@ -326,7 +408,7 @@ def _ids(layout: Layout, units: np.ndarray, positions: np.ndarray) -> list[str]:
         wanted.setdefault(u, {})[p] = x
     out = [""] * len(units)
     todo = sorted(wanted)
-    for u, table in zip(todo, read_hashes([layout.unit_hashes(u) for u in todo], ["position", "id"])):
+    for u, (table, _) in zip(todo, read_hashes([layout.unit_hashes(u) for u in todo], ["position", "id"])):
         for p, image_id in zip(table.column("position").to_pylist(), table.column("id").to_pylist()):
             if p in wanted[u]:
                 out[wanted[u][p]] = image_id
@@ -339,7 +421,8 @@ def _excluded_by(layout: Layout, matches: np.ndarray, exclude_units: int) -> dic
         return {}
     wanted = set(matches["excluded"].tolist())
     best_of_hash: dict[int, tuple[bytes, str]] = {}  # excluded hash -> (sha, id), the smallest
-    for table in read_hashes([layout.exclude_hashes(u) for u in range(exclude_units)], ["phash", "body_sha256", "id"]):
+    uris = [layout.exclude_hashes(u) for u in range(exclude_units)]
+    for table, _ in read_hashes(uris, ["phash", "body_sha256", "id"]):
         for h, sha, image_id in zip(table.column("phash").to_pylist(), table.column("body_sha256").to_pylist(),
                                     table.column("id").to_pylist()):
             if h in wanted and (h not in best_of_hash or (sha, image_id) < best_of_hash[h]):
@@ -352,13 +435,37 @@ def _excluded_by(layout: Layout, matches: np.ndarray, exclude_units: int) -> dic
     return {t: c[2] for t, c in best.items()}
 
 
+def phase_record(components: dict, places: list[dict]) -> dict:
+    """The phase's record: the place tasks' counts summed (each component is in one slice), the 10 largest groups
+    of all."""
+    return {"groups": sum(r["groups"] for r in places), "near_duplicate": sum(r["near_duplicate"] for r in places),
+            "excluded": sum(r["excluded"] for r in places), "excluded_hashes": components["excluded_hashes"],
+            "pairs": components["pairs"], "paired_hashes": components["paired_hashes"],
+            "largest_groups": sorted((s for r in places for s in r["largest_groups"]), reverse=True)[:10]}
+
+
+def near_plan(layout: Layout, images: int, parts: int | None = None, places: int | None = None) -> tuple[int, int]:
+    """(band partitions, place tasks): fixed by the first run (the done records and drops files refer to them),
+    else these or the knobs' and written."""
+    plan = json.loads(storage.read_bytes(layout.near_plan)) if storage.exists(layout.near_plan) else {}
+    if "places" not in plan:  # new, or planned before the place tasks existed: its band records still hold
+        plan = {"parts": plan.get("parts", parts or partitions(images)), "places": places or group_parts(images)}
+        storage.write_bytes(layout.near_plan, json.dumps(plan, sort_keys=True).encode())
+    return plan["parts"], plan["places"]
+
+
 def load_drops(layout: Layout, bucket: int) -> dict[tuple[int, int], tuple[str, str]]:
-    """(unit, position) -> (status, id it duplicates or matched) for the bucket's dropped images."""
-    uri = layout.near_drops(bucket)
-    if not storage.exists(uri):
-        return {}
-    t = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-    return {(u, p): (s, o) for u, p, s, o in zip(*(t.column(c).to_pylist() for c in DROPS_SCHEMA.names))}
+    """(unit, position) -> (status, id it duplicates or matched) for the bucket's dropped images, from the drops
+    files of every place task (a slice's image is in one place task only)."""
+    places = json.loads(storage.read_bytes(layout.near_plan))["places"]
+    out = {}
+    for place in range(places):
+        uri = layout.near_drops(bucket, place)
+        if storage.exists(uri):
+            t = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+            cols = (t.column(c).to_pylist() for c in DROPS_SCHEMA.names)
+            out.update({(u, p): (s, o) for u, p, s, o in zip(*cols)})
+    return out
 
 
 # -- the phase, as the driver runs it ---------------------------------------------------------------------------
@@ -366,33 +473,43 @@ def load_drops(layout: Layout, bucket: int) -> dict[tuple[int, int], tuple[str, 
 
 def near_phase(layout: Layout, config: dict, units: int, ok_images: int, exclude_units: int,
                in_flight: int) -> dict:
-    """Band tasks, then the group task, each skipped when done before; returns the group task's record."""
+    """Band tasks, the components task, then the place tasks, each skipped when done before; returns the phase's
+    record (the place tasks' summed)."""
     from pipeline.preprocess import executor
     from pipeline.preprocess.results import ResultLog
 
     if storage.exists(layout.near_groups_done):
         return json.loads(storage.read_bytes(layout.near_groups_done))
-    if storage.exists(layout.near_plan):  # partitions fixed by the first run: the done records refer to them
-        parts = json.loads(storage.read_bytes(layout.near_plan))["parts"]
-    else:
-        parts = partitions(ok_images)
-        storage.write_bytes(layout.near_plan, json.dumps({"parts": parts}).encode())
+    parts, places = near_plan(layout, ok_images)
     radius = config["near_radius"]
     bands = len(hamming.band_masks(radius))
     near = config["dedup"] == "near"
     results = ResultLog(layout.near_done, bands * parts)
-    for _ in results.load():
-        pass
+    pairs = sum(r["pairs"] + r["matches"] for _, r in results.load())
     todo = results.todo()
     task = executor.remote(band_task, band_memory(ok_images, parts))
     for i, record in executor.run_bounded(
             ((i, lambda i=i: task.remote(layout.output, i // parts, i % parts, parts, units, exclude_units, radius,
                                          near)) for i in todo), in_flight, len(todo), "near-duplicates (bands)"):
         results.add(i, record)
-    group = executor.remote(group_task, group_memory(ok_images))
-    [(_, record)] = executor.run_bounded(
-        [(0, lambda: group.remote(layout.output, bands, parts, units, exclude_units))],
-        1, 1, "near-duplicates (groups)")
+        pairs += record["pairs"] + record["matches"]
+    if storage.exists(layout.near_components_done):
+        components = json.loads(storage.read_bytes(layout.near_components_done))
+    else:
+        task = executor.remote(components_task, components_memory(pairs))
+        [(_, components)] = executor.run_bounded(
+            [(0, lambda: task.remote(layout.output, bands, parts, exclude_units, places))],
+            1, 1, "near-duplicates (components)")
+    placed = ResultLog(layout.near_place_done, places)
+    records = dict(placed.load())
+    todo = placed.todo()
+    task = executor.remote(place_task, place_memory(ok_images, places))
+    for i, record in executor.run_bounded(((i, lambda i=i: task.remote(layout.output, i, places, units))
+                                           for i in todo), in_flight, len(todo), "near-duplicates (groups)"):
+        placed.add(i, record)
+        records[i] = record
+    record = phase_record(components, [records[i] for i in range(places)])
+    storage.write_bytes(layout.near_groups_done, json.dumps(record, sort_keys=True).encode())
     return record
 
 
