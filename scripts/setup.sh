@@ -88,11 +88,7 @@ fi
 if ! command -v djpeg >/dev/null 2>&1 || ! { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } \
         | grep 'libturbojpeg\.so\.0' >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        step "installing the strict JPEG judge (libjpeg-turbo-progs: djpeg, libturbojpeg) with apt-get (~15 s)"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq >/dev/null || fail "apt-get update failed; install libjpeg-turbo-progs yourself and rerun"
-        apt-get install -y -qq --no-install-recommends libjpeg-turbo-progs >/dev/null 2>&1 \
-            || fail "apt-get install libjpeg-turbo-progs failed; install it yourself and rerun"
+        apt_install "the strict JPEG judge: djpeg, libturbojpeg; ~15 s" libjpeg-turbo-progs
     elif command -v apt-get >/dev/null 2>&1; then
         fail "the strict JPEG judge needs djpeg and libturbojpeg. Run: sudo apt-get install libjpeg-turbo-progs"
     elif command -v brew >/dev/null 2>&1; then
