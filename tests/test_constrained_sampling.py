@@ -206,6 +206,7 @@ def test_jpeglm_sample_draws_whole_strict_images_by_default(tok, tmp_path, capsy
     assert main(["sample", "--checkpoint", ckpt, "--out", str(tmp_path / "short"), "--max-tokens", str(need // 2)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "at least" in err[0] and "Traceback" not in err[0]
+    assert "--max-tokens" in err[0] and "--constrain none" in err[0]  # what to do about it
 
 
 def test_training_grid_is_constrained_and_falls_back_when_the_context_is_too_short(tok, bodies, caplog):

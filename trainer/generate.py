@@ -102,6 +102,10 @@ class PromptRejected(ValueError):
     """A prompt whose bytes are not a prefix of a canonical JPEG body (or cannot be closed within the budget)."""
 
 
+class BudgetTooSmall(PromptRejected):
+    """A valid prompt whose image cannot be closed within the token limit."""
+
+
 class JpegConstraint:
     """Keeps each row's byte stream a valid prefix of a canonical JPEG body, token by token.
 
@@ -172,7 +176,7 @@ class JpegConstraint:
             state, offset = new, offset + len(data)
         need = self.grammar.min_bytes_to_complete(state)
         if need > budget:
-            raise PromptRejected(f"closing the image after this prompt takes at least {need} more tokens, but only "
+            raise BudgetTooSmall(f"closing the image after this prompt takes at least {need} more tokens, but only "
                                  f"{budget} fit: raise the token limit")
         return state
 

@@ -150,7 +150,7 @@ def sample_to_folder(loaded: LoadedModel, device: torch.device, out: str, params
 
     from pipeline import codec as jpeg
     from pipeline.strict_decode import strict_decodable
-    from trainer.generate import PromptRejected
+    from trainer.generate import BudgetTooSmall, PromptRejected
     from trainer.grids import ending_label, make_grid, square_rows
 
     model, tok, codec = loaded.model, loaded.tokenizer, loaded.codec
@@ -168,8 +168,8 @@ def sample_to_folder(loaded: LoadedModel, device: torch.device, out: str, params
             try:
                 constraint.prompt_state(prompt_ids, max_total - len(prompt_ids))
             except PromptRejected as e:
-                hint = ("" if "takes at least" not in str(e) else
-                        " (--max-tokens, up to the model's context) or sample unconstrained with --constrain none")
+                hint = (" (--max-tokens, up to the model's context) or sample unconstrained with --constrain none"
+                        if isinstance(e, BudgetTooSmall) else "")
                 raise SampleError((f"--prompt {label}: {e}" if label else str(e)) + hint) from None
     os.makedirs(out, exist_ok=True)
 
