@@ -160,6 +160,7 @@ class Context:
     real_features: np.ndarray | None  # computed once the inputs have passed every check
     max_len: int
     untrained: object | None
+    constraint: object  # trainer.generate.JpegConstraint: one for every set and ratio, so its memo is reused
     timing: dict = field(default_factory=lambda: {"sampling_s": 0.0, "features_s": 0.0, "bits_per_byte_s": 0.0})
 
 
@@ -242,7 +243,10 @@ def _setup(args, params: SamplingParams, ratios: list[float]) -> Context:
         untrained = Transformer(loaded.model.cfg).to(device=device, dtype=dtype).eval()
     log.info("%d validation images (%dx%d), up to %d tokens per sample", len(real), loaded.codec["size"],
              loaded.codec["size"], max_len)
-    return Context(args, params, loaded, net, real, None, max_len, untrained)
+    from trainer.sampling import jpeg_constraint
+
+    return Context(args, params, loaded, net, real, None, max_len, untrained,
+                   jpeg_constraint(loaded.tokenizer, loaded.codec))
 
 
 def _real_features(ctx: Context) -> np.ndarray:
@@ -286,14 +290,11 @@ def _score(ctx: Context, name: str, images: list, samples: list[Sampled] | None 
 
 def _models(ctx: Context):
     """(set name, model, constraint or None): each model unconstrained (the paper's protocol), then constrained."""
-    from trainer.sampling import jpeg_constraint
-
-    constraint = jpeg_constraint(ctx.loaded.tokenizer, ctx.loaded.codec)
     yield "model", ctx.loaded.model, None
-    yield "model_constrained", ctx.loaded.model, constraint
+    yield "model_constrained", ctx.loaded.model, ctx.constraint
     if ctx.untrained is not None:
         yield "untrained", ctx.untrained, None
-        yield "untrained_constrained", ctx.untrained, constraint
+        yield "untrained_constrained", ctx.untrained, ctx.constraint
 
 
 def _completion_prompts(ctx: Context, ratio: float) -> tuple[list[bytes], list[list[int]]]:
